@@ -1,0 +1,53 @@
+# agentgate: `make run` (embedded quickstart) and `make test` (the whole suite).
+# Both create the virtualenv and install what they need (pip, apt-get) on a fresh machine.
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+# $(call apt_ensure,command:package ...): apt-get install the packages whose command is missing.
+define apt_ensure
+	@missing=""; for pair in $(1); do cmd=$${pair%%:*}; pkg=$${pair##*:}; \
+	  command -v $$cmd >/dev/null 2>&1 || [ -x /usr/sbin/$$cmd ] || missing="$$missing $$pkg"; done; \
+	if [ -n "$$missing" ]; then echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
+endef
+
+.PHONY: run test install lint protos bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
+
+$(STAMP): pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+run: install
+	$(call apt_ensure,curl:curl)
+	examples/quickstart/run.sh
+
+test: install
+	$(call apt_ensure,curl:curl nginx:nginx-light)
+	$(BIN)/ruff check .
+	$(BIN)/pytest
+
+lint: install
+	$(BIN)/ruff check .
+	cd protos && ../$(BIN)/buf lint
+
+# Regenerate shared/api from protos/ (tests fail when the committed code is stale).
+protos: install
+	$(BIN)/python protos/generate.py
+
+bench: install
+	$(call apt_ensure,wrk:wrk h2load:nghttp2-client nginx:nginx-light)
+	$(BIN)/python bench/http_proxy.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
+	find . -name __pycache__ -type d -prune -exec rm -rf {} +

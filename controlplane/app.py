@@ -1,0 +1,139 @@
+"""The control plane process: a config source feeds the translator, whose snapshots the
+discovery server streams to proxies.
+
+The source keeps the last good version of every object, the translator is pure, and the
+snapshot cache refuses an inconsistent snapshot, so a bad edit never takes down what is
+being served: it is reported (file, kind/name, field) and the previous config stays.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import anyio
+from anyio.abc import TaskStatus
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
+
+from controlplane.grpc_server import start_grpc_server
+from controlplane.snapshot import SnapshotCache, SnapshotInconsistent
+from controlplane.sources.folder import FolderSource, FolderState
+from controlplane.translate import translate
+from shared.admin_http import AdminRequest, AdminResponse, AdminServer
+from shared.logging import get_logger
+
+log = get_logger("controlplane")
+
+
+@dataclass(frozen=True)
+class ControlPlaneSettings:
+    config_dir: Path
+    xds_address: str = "0.0.0.0:9977"
+    metrics_host: str = "0.0.0.0"
+    # -1 disables the metrics endpoint.
+    metrics_port: int = 9978
+
+
+@dataclass
+class ReconcileReport:
+    """What one pass over the source produced, for logs and tests."""
+
+    gateways: tuple[str, ...] = ()
+    errors: tuple[str, ...] = ()
+    status_changes: int = 0
+
+
+@dataclass
+class ControlPlane:
+    settings: ControlPlaneSettings
+    registry: CollectorRegistry = field(default_factory=CollectorRegistry)
+    cache: SnapshotCache = field(default_factory=SnapshotCache)
+    xds_port: int = 0
+    metrics_port: int = 0
+    _statuses: dict[tuple[str, str, str], str] = field(default_factory=dict)
+    _listeners: list[Callable[[ReconcileReport], None]] = field(default_factory=list)
+    errors: tuple[str, ...] = ()
+
+    def on_reconcile(self, callback: Callable[[ReconcileReport], None]) -> None:
+        self._listeners.append(callback)
+
+    def reconcile(self, state: FolderState) -> ReconcileReport:
+        """Translate the source's objects and publish one snapshot per Gateway."""
+        errors = [str(error) for error in state.errors]
+        for error in errors:
+            log.warning("config error", error=error)
+        result = translate(state.objects)
+        published: list[str] = []
+        for gateway, resources in sorted(result.snapshots.items()):
+            try:
+                snapshot = self.cache.set_snapshot(gateway, resources)
+            except SnapshotInconsistent as exc:
+                message = f"Gateway {gateway}: snapshot not published, previous one kept: {exc}"
+                errors.append(message)
+                log.error("snapshot rejected", gateway=gateway, error=str(exc))
+                continue
+            published.append(gateway)
+            log.debug("snapshot published", gateway=gateway, version=snapshot.version)
+        for gateway in sorted(set(self.cache.gateways()) - set(result.snapshots)):
+            if self.cache.get_snapshot(gateway) is not None:
+                self.cache.remove_snapshot(gateway)
+                log.info("gateway removed", gateway=gateway)
+        changes = 0
+        seen: set[tuple[str, str, str]] = set()
+        for status in result.statuses:
+            key = (status.kind, status.namespace, status.name)
+            seen.add(key)
+            body = json.dumps(status.status, sort_keys=True, default=str)
+            if self._statuses.get(key) != body:
+                self._statuses[key] = body
+                changes += 1
+                log.info("status", kind=status.kind, namespace=status.namespace, name=status.name,
+                         status=status.status)
+        for key in set(self._statuses) - seen:
+            del self._statuses[key]
+        self.errors = tuple(errors)
+        report = ReconcileReport(tuple(published), self.errors, changes)
+        for callback in self._listeners:
+            callback(report)
+        return report
+
+    def statuses(self) -> dict[str, object]:
+        return {f"{k}/{ns}/{name}": json.loads(body) for (k, ns, name), body in sorted(self._statuses.items())}
+
+    async def _metrics(self, request: AdminRequest) -> AdminResponse:
+        if request.path == "/metrics":
+            return AdminResponse(200, generate_latest(self.registry), CONTENT_TYPE_LATEST)
+        if request.path == "/status":
+            body = {"errors": list(self.errors), "status": self.statuses()}
+            return AdminResponse(200, json.dumps(body, indent=2, default=str).encode(), "application/json")
+        return AdminResponse.text(404, "not found: try /metrics or /status")
+
+    async def _states(self) -> AsyncIterator[FolderState]:
+        async for state in FolderSource(self.settings.config_dir).watch():
+            yield state
+
+    async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
+        """Serve until cancelled. `task_status.started()` fires once the first snapshot pass is done."""
+        if not self.settings.config_dir.is_dir():
+            raise SystemExit(f"config folder {self.settings.config_dir} does not exist or is not a folder")
+        server = await start_grpc_server(self.cache, self.settings.xds_address, registry=self.registry)
+        self.xds_port = server.port
+        try:
+            async with anyio.create_task_group() as tg:
+                if self.settings.metrics_port >= 0:
+                    admin = AdminServer(self._metrics, self.settings.metrics_host, self.settings.metrics_port)
+                    self.metrics_port = await tg.start(admin.serve)
+                log.info("control plane serving", xds_port=self.xds_port, metrics_port=self.metrics_port,
+                         config_dir=str(self.settings.config_dir))
+                started = False
+                async for state in self._states():
+                    self.reconcile(state)
+                    if not started:
+                        started = True
+                        task_status.started()
+                tg.cancel_scope.cancel()
+        finally:
+            with anyio.CancelScope(shield=True):
+                await server.stop(1.0)

@@ -1,0 +1,144 @@
+"""The runtime config the request path reads: immutable, fully compiled, swapped as one reference.
+
+A request reads `RuntimeConfig` once and keeps that reference, so it sees either the old
+config or the new one, never a mix. Everything here was validated and compiled by
+`dataplane.config.compile.compile_config`; nothing on the request path parses or compiles.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import ssl
+from bisect import bisect_right
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from itertools import accumulate
+from types import MappingProxyType
+from typing import TYPE_CHECKING, Literal
+
+from shared.resources import ResourceMap
+
+if TYPE_CHECKING:
+    from dataplane.routing.match import RouteTable
+
+UpstreamProtocolName = Literal["http1", "http2"]
+
+DEFAULT_CONNECT_TIMEOUT = 5.0
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_MAX_CONNECTIONS = 1024
+DEFAULT_ALPN_PROTOCOLS: tuple[str, ...] = ("h2", "http/1.1")
+
+
+def format_authority(host: str, port: int) -> str:
+    """'host:port', bracketing IPv6 literals so the port stays unambiguous."""
+    if ":" in host and not host.startswith("["):
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamTarget:
+    """One endpoint of a backend. `authority` is precomputed for the Host header and logs."""
+
+    name: str
+    host: str
+    port: int
+    weight: int
+    authority: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.authority:
+            object.__setattr__(self, "authority", format_authority(self.host, self.port))
+
+
+@dataclass(frozen=True, slots=True)
+class UpstreamCluster:
+    """A backend with its endpoints and the client settings to reach them."""
+
+    name: str
+    protocol: UpstreamProtocolName = "http1"
+    # Client context (CA, ALPN, verification) built at compile time; None = cleartext.
+    ssl_context: ssl.SSLContext | None = None
+    # SNI and verification name; None means the target host.
+    server_name: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT
+    max_connections: int = DEFAULT_MAX_CONNECTIONS
+    targets: tuple[UpstreamTarget, ...] = ()
+    # Which protocol handler serves it: "http", "mcp", "a2a" or "llm".
+    kind: str = "http"
+    # Cumulative target weights, so a pick is one random draw and one bisect.
+    _cumulative: tuple[int, ...] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "_cumulative", tuple(accumulate(max(t.weight, 0) for t in self.targets)))
+
+    def pick_target(self, rand: Callable[[], float] = random.random) -> UpstreamTarget | None:
+        """A target chosen by weight; None when the backend has no targets (or all weigh 0)."""
+        targets = self.targets
+        if len(targets) == 1:
+            return targets[0] if self._cumulative[0] > 0 else None
+        if not targets:
+            return None
+        total = self._cumulative[-1]
+        if total <= 0:
+            return None
+        # An integer draw in [0, total) always lands below the last cumulative weight.
+        return targets[bisect_right(self._cumulative, int(rand() * total))]
+
+
+@dataclass(frozen=True, slots=True)
+class ServerTlsSettings:
+    """A TLS listener's certificate, key and ALPN, with the server context built from them."""
+
+    certificate_chain_pem: bytes
+    private_key_pem: bytes
+    alpn_protocols: tuple[str, ...]
+    ssl_context: ssl.SSLContext = field(compare=False, repr=False)
+    # Identifies the material, so an update that keeps it can keep the listening socket.
+    fingerprint: str = field(init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        digest = hashlib.sha256()
+        for part in (self.certificate_chain_pem, self.private_key_pem, ",".join(self.alpn_protocols).encode()):
+            digest.update(len(part).to_bytes(8, "big"))
+            digest.update(part)
+        object.__setattr__(self, "fingerprint", digest.hexdigest())
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerGroup:
+    """Listeners sharing one bind (address, port): one socket, one route table."""
+
+    address: str
+    port: int
+    listener_names: tuple[str, ...]
+    tls: ServerTlsSettings | None
+    route_table: RouteTable
+    # Equal keys mean the socket can be kept across updates.
+    bind_key: tuple[str, int, str | None] = field(init=False)
+
+    def __post_init__(self) -> None:
+        fingerprint = self.tls.fingerprint if self.tls is not None else None
+        object.__setattr__(self, "bind_key", (self.address, self.port, fingerprint))
+
+
+_EMPTY: Mapping = MappingProxyType({})
+
+
+@dataclass(frozen=True, slots=True)
+class RuntimeConfig:
+    """Everything a proxy worker needs for one config version."""
+
+    version: str
+    # By bind (address, port).
+    listeners: Mapping[tuple[str, int], ListenerGroup]
+    backends: Mapping[str, UpstreamCluster]
+    # The raw resources this was compiled from, for the config dump.
+    resources: ResourceMap
+
+    @staticmethod
+    def empty() -> RuntimeConfig:
+        """The config before the first update: no listeners, no backends."""
+        return RuntimeConfig(version="", listeners=_EMPTY, backends=_EMPTY, resources=_EMPTY)

@@ -1,0 +1,1 @@
+"""Gateway API HTTPRoute matching and filters, compiled at config time and read per request."""

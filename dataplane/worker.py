@@ -1,0 +1,186 @@
+"""One proxy worker process: ADS subscription -> compiled config -> HTTP listeners.
+
+A config is compiled (dataplane.config) and then handed to the proxy server, which
+binds any new sockets before it swaps the config in one assignment. Either step may
+refuse the update; the ADS client then NACKs and the previous config keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sys
+from dataclasses import dataclass
+from typing import Literal
+
+import anyio
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from dataplane.config.compile import compile_config
+from dataplane.config.model import RuntimeConfig
+from dataplane.http.server import ProxyServer
+from dataplane.metrics import WorkerMetrics
+from dataplane.xds.client import AdsClient, AdsSettings
+from shared import logging as shared_logging
+from shared.admin_http import AdminRequest, AdminResponse, AdminServer
+from shared.logging import get_logger
+from shared.resources import short_name
+
+log = get_logger("dataplane.worker")
+
+
+@dataclass(frozen=True)
+class WorkerSettings:
+    xds: str
+    gateway: str
+    node_id: str = ""
+    xds_mode: Literal["delta", "sotw"] = "delta"
+    # Admin (config dump, log level) stays on loopback by default, like Envoy's admin;
+    # metrics and readiness listen where Prometheus and the kubelet can reach them.
+    admin_host: str = "127.0.0.1"
+    stats_host: str = "0.0.0.0"
+    admin_port: int = 15000
+    metrics_port: int = 15020
+    readiness_port: int = 15021
+    drain_timeout: float = 15.0
+    # Set by `agentgate run`: the parent holds our stdin; EOF means it is gone.
+    stop_on_stdin_close: bool = False
+
+    def resolved_node_id(self) -> str:
+        return self.node_id or f"{socket.gethostname()}.{os.getpid()}"
+
+
+class Worker:
+    def __init__(self, settings: WorkerSettings, proxy: ProxyServer | None = None) -> None:
+        self.settings = settings
+        self.metrics = WorkerMetrics()
+        self.proxy = proxy or ProxyServer()
+        self.ads = AdsClient(
+            AdsSettings(
+                target=settings.xds,
+                gateway=settings.gateway,
+                node_id=settings.resolved_node_id(),
+                mode=settings.xds_mode,
+            ),
+            self.apply,
+            self.metrics,
+        )
+        self.config: RuntimeConfig | None = None
+        self.draining = False
+        self.admin_ports: dict[str, int] = {}
+
+    async def apply(self, resources: dict[str, dict[str, Message]], version: str) -> None:
+        """Compile and install a whole config; raises (-> NACK) if it cannot be served."""
+        config = compile_config(resources, version=version)
+        await self.proxy.apply(config)
+        self.config = config
+        self.metrics.config_ready.set(1)
+
+    @property
+    def ready(self) -> bool:
+        return self.config is not None and not self.draining
+
+    # --- operator endpoints ------------------------------------------------------------
+    def _readiness(self) -> AdminResponse:
+        if self.draining:
+            return AdminResponse.text(503, "draining")
+        if self.config is None:
+            return AdminResponse.text(503, f"not ready: no config yet from {self.settings.xds}")
+        return AdminResponse.text(200, "ready")
+
+    async def handle_readiness(self, request: AdminRequest) -> AdminResponse:
+        if request.path in ("/healthz/ready", "/ready"):
+            return self._readiness()
+        return AdminResponse.text(404, "not found: try /healthz/ready")
+
+    async def handle_metrics(self, request: AdminRequest) -> AdminResponse:
+        if request.path in ("/metrics", "/stats/prometheus"):
+            return AdminResponse(200, generate_latest(self.metrics.registry), CONTENT_TYPE_LATEST)
+        return AdminResponse.text(404, "not found: try /metrics")
+
+    async def handle_admin(self, request: AdminRequest) -> AdminResponse:
+        if request.path in ("/healthz/ready", "/ready"):
+            return self._readiness()
+        if request.path == "/config_dump":
+            return AdminResponse(200, json.dumps(self.config_dump(), indent=2).encode(), "application/json")
+        if request.path == "/logging":
+            if request.method != "POST":
+                return AdminResponse.text(405, "use POST /logging?level=debug|info|warning|error")
+            level = (request.query.get("level") or [""])[0]
+            if level not in ("debug", "info", "warning", "error"):
+                return AdminResponse.text(400, f"unknown level {level!r}: use debug, info, warning or error")
+            shared_logging.configure(level)
+            log.info("log level changed", level=level)
+            return AdminResponse.text(200, f"level {level}")
+        if request.path == "/":
+            return AdminResponse.text(200, "endpoints: /config_dump /healthz/ready POST /logging?level=")
+        return AdminResponse.text(404, "not found: try /config_dump, /healthz/ready or POST /logging?level=")
+
+    def config_dump(self) -> dict[str, object]:
+        """The applied config and what the control plane last told us, as JSON."""
+        types: dict[str, object] = {}
+        for type_url, state in self.ads.state.types.items():
+            types[short_name(type_url)] = {
+                "version": state.version,
+                "resources": [
+                    {"name": name, "version": version, "resource": MessageToDict(message)}
+                    for name, (version, message) in sorted(state.resources.items())
+                ],
+            }
+        return {
+            "gateway": self.settings.gateway,
+            "node_id": self.ads.settings.node_id,
+            "ready": self.ready,
+            "xds": {"target": self.settings.xds, "mode": self.settings.xds_mode, "connected": self.ads.connected},
+            "config_version": self.config.version if self.config else "",
+            "last_nack": {short_name(t): error for t, error in self.ads.last_nack.items()},
+            "types": types,
+        }
+
+    # --- lifecycle -----------------------------------------------------------------------
+    async def run(self, *, stop: anyio.Event | None = None) -> None:
+        """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests and return."""
+        settings = self.settings
+        stop = stop or anyio.Event()
+        async with anyio.create_task_group() as tg:
+            for name, host, port, handler in (
+                ("admin", settings.admin_host, settings.admin_port, self.handle_admin),
+                ("metrics", settings.stats_host, settings.metrics_port, self.handle_metrics),
+                ("readiness", settings.stats_host, settings.readiness_port, self.handle_readiness),
+            ):
+                if port >= 0:
+                    server = AdminServer(handler, host, port)
+                    self.admin_ports[name] = await tg.start(server.serve)
+            tg.start_soon(self.proxy.run)
+            tg.start_soon(self.ads.run)
+            tg.start_soon(self._watch_signals, stop)
+            if settings.stop_on_stdin_close:
+                tg.start_soon(self._watch_stdin, stop)
+            log.info("worker started", gateway=settings.gateway, xds=settings.xds, node_id=self.ads.settings.node_id,
+                     **{f"{k}_port": v for k, v in self.admin_ports.items()})
+            await stop.wait()
+            self.draining = True
+            log.info("draining", in_flight=self.proxy.in_flight, timeout=settings.drain_timeout)
+            await self.proxy.shutdown(settings.drain_timeout)
+            log.info("worker stopped")
+            tg.cancel_scope.cancel()
+
+    @staticmethod
+    async def _watch_stdin(stop: anyio.Event) -> None:
+        stdin = anyio.wrap_file(sys.stdin.buffer)
+        while await stdin.read(4096):
+            pass
+        log.info("parent process gone (stdin closed)")
+        stop.set()
+
+    @staticmethod
+    async def _watch_signals(stop: anyio.Event) -> None:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("signal received", signal=signal.Signals(signum).name)
+                stop.set()
+                return

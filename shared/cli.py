@@ -1,0 +1,143 @@
+"""The `agentgate` command: controlplane, dataplane, run (both from one folder), status."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import signal
+import sys
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+
+from shared import logging as shared_logging
+
+DEFAULT_XDS_PORT = 9977
+
+
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+
+
+def _run(main: Callable[..., Awaitable[object]], *args: object) -> None:
+    with contextlib.suppress(KeyboardInterrupt):
+        anyio.run(main, *args, backend_options={"use_uvloop": True})
+
+
+def cmd_controlplane(args: argparse.Namespace) -> int:
+    from controlplane.app import ControlPlane, ControlPlaneSettings
+
+    settings = ControlPlaneSettings(
+        config_dir=Path(args.config), xds_address=args.xds_address, metrics_host=args.metrics_host,
+        metrics_port=args.metrics_port,
+    )
+
+    async def main() -> None:
+        async with anyio.create_task_group() as tg:
+            await tg.start(ControlPlane(settings).run)
+            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for _ in signals:
+                    break
+            tg.cancel_scope.cancel()
+
+    _run(main)
+    return 0
+
+
+def cmd_dataplane(args: argparse.Namespace) -> int:
+    from dataplane.worker import Worker, WorkerSettings
+
+    if args.gateway.count("/") != 1 or not all(args.gateway.split("/")):
+        print(f"agentgate dataplane: --gateway must be NAMESPACE/NAME, got {args.gateway!r}", file=sys.stderr)
+        return 2
+    settings = WorkerSettings(
+        xds=args.xds, gateway=args.gateway, node_id=args.node_id, xds_mode=args.xds_mode,
+        admin_host=args.admin_host, stats_host=args.stats_host, admin_port=args.admin_port,
+        metrics_port=args.metrics_port, readiness_port=args.readiness_port, drain_timeout=args.drain_timeout,
+        stop_on_stdin_close=args.stop_on_stdin_close,
+    )
+    _run(Worker(settings).run)
+    return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from controlplane.embedded import EmbeddedGateway, EmbeddedSettings
+
+    if args.workers < 1:
+        print("agentgate run: --workers must be at least 1", file=sys.stderr)
+        return 2
+    settings = EmbeddedSettings(
+        config_dir=Path(args.config), workers=args.workers, host=args.host, xds_port=args.xds_port,
+        admin_port=args.admin_port, metrics_port=args.metrics_port, readiness_port=args.readiness_port,
+        controlplane_metrics_port=args.controlplane_metrics_port, xds_mode=args.xds_mode,
+        drain_timeout=args.drain_timeout, log_level=args.log_level,
+    )
+    _run(EmbeddedGateway(settings).run)
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from shared.status import print_status
+
+    return anyio.run(print_status, args.xds, args.gateway, args.json)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="agentgate", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    cp = sub.add_parser("controlplane", help="serve config from a folder of Gateway API YAML over xDS (ADS)")
+    cp.add_argument("--config", required=True, help="folder of Kubernetes-style YAML, watched for changes")
+    cp.add_argument("--xds-address", default=f"0.0.0.0:{DEFAULT_XDS_PORT}", help="gRPC discovery/debug address")
+    cp.add_argument("--metrics-host", default="0.0.0.0")
+    cp.add_argument("--metrics-port", type=int, default=9978, help="Prometheus /metrics and /status; -1 disables")
+    _add_common(cp)
+    cp.set_defaults(func=cmd_controlplane)
+
+    dp = sub.add_parser("dataplane", help="a proxy worker: subscribe to a Gateway's config and serve it")
+    dp.add_argument("--xds", required=True, help="control plane address HOST:PORT")
+    dp.add_argument("--gateway", required=True, help="the Gateway to serve, NAMESPACE/NAME")
+    dp.add_argument("--node-id", default="", help="proxy id shown by the control plane (default host.pid)")
+    dp.add_argument("--xds-mode", choices=["delta", "sotw"], default="delta", help="incremental or state of the world")
+    dp.add_argument("--admin-host", default="127.0.0.1", help="address of the admin port")
+    dp.add_argument("--stats-host", default="0.0.0.0", help="address of the metrics and readiness ports")
+    dp.add_argument("--admin-port", type=int, default=15000, help="config dump, log level; -1 disables")
+    dp.add_argument("--metrics-port", type=int, default=15020, help="Prometheus /metrics; -1 disables")
+    dp.add_argument("--readiness-port", type=int, default=15021, help="/healthz/ready; -1 disables")
+    dp.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to finish in-flight requests on SIGTERM")
+    dp.add_argument("--stop-on-stdin-close", action="store_true", help=argparse.SUPPRESS)
+    _add_common(dp)
+    dp.set_defaults(func=cmd_dataplane)
+
+    run = sub.add_parser("run", help="embedded mode: control plane plus workers from one folder")
+    run.add_argument("--config", required=True, help="folder of Kubernetes-style YAML, watched for changes")
+    run.add_argument("--workers", type=int, default=1, help="worker processes per Gateway (sharing its ports)")
+    run.add_argument("--host", default="127.0.0.1", help="address of the control plane and operator ports")
+    run.add_argument("--xds-port", type=int, default=DEFAULT_XDS_PORT)
+    run.add_argument("--admin-port", type=int, default=15000, help="worker k uses this + k; -1 disables")
+    run.add_argument("--metrics-port", type=int, default=15020, help="worker k uses this + k; -1 disables")
+    run.add_argument("--readiness-port", type=int, default=15021, help="worker k uses this + k; -1 disables")
+    run.add_argument("--controlplane-metrics-port", type=int, default=9978, help="-1 disables")
+    run.add_argument("--xds-mode", choices=["delta", "sotw"], default="delta")
+    run.add_argument("--drain-timeout", type=float, default=10.0)
+    _add_common(run)
+    run.set_defaults(func=cmd_run)
+
+    st = sub.add_parser("status", help="what every connected proxy has ACKed, and any NACK")
+    st.add_argument("--xds", default=f"127.0.0.1:{DEFAULT_XDS_PORT}", help="control plane address HOST:PORT")
+    st.add_argument("--gateway", default="", help="only this NAMESPACE/NAME")
+    st.add_argument("--json", action="store_true", help="print JSON")
+    _add_common(st)
+    st.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    shared_logging.configure(args.log_level)
+    return args.func(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
