@@ -69,8 +69,10 @@ class Worker:
             self.apply,
             self.metrics,
         )
+        self.ads.on_update = self._after_update
         self.config: RuntimeConfig | None = None
         self.draining = False
+        self._announced_ready = False
         self.admin_ports: dict[str, int] = {}
 
     async def apply(self, resources: dict[str, dict[str, Message]], version: str) -> None:
@@ -78,18 +80,26 @@ class Worker:
         config = compile_config(resources, version=version)
         await self.proxy.apply(config)
         self.config = config
-        self.metrics.config_ready.set(1)
+
+    def _after_update(self) -> None:
+        """Called by the ADS client after each handled response."""
+        if self.ready and not self._announced_ready:
+            self._announced_ready = True
+            self.metrics.config_ready.set(1)
+            log.info("worker ready", gateway=self.settings.gateway, config_version=self.config.version)
 
     @property
     def ready(self) -> bool:
-        return self.config is not None and not self.draining
+        """Serving a complete config: every type has arrived at least once and applied."""
+        return self.config is not None and self.ads.state.synced and not self.draining
 
     # --- operator endpoints ------------------------------------------------------------
     def _readiness(self) -> AdminResponse:
         if self.draining:
             return AdminResponse.text(503, "draining")
-        if self.config is None:
-            return AdminResponse.text(503, f"not ready: no config yet from {self.settings.xds}")
+        if not self.ready:
+            missing = sorted(short_name(t) for t in self.ads.state.types if t not in self.ads.state.received)
+            return AdminResponse.text(503, f"not ready: waiting for {', '.join(missing)} from {self.settings.xds}")
         return AdminResponse.text(200, "ready")
 
     async def handle_readiness(self, request: AdminRequest) -> AdminResponse:

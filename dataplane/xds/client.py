@@ -56,6 +56,7 @@ class AdsClient:
         self.connected = False
         self.last_nack: dict[str, str] = {}
         self.config_version = ""
+        self.on_update: Callable[[], None] | None = None
         self._node = self._make_node()
 
     def _make_node(self) -> base_pb2.Node:
@@ -115,6 +116,8 @@ class AdsClient:
             self.last_nack[type_url] = error
             self._metrics.xds_updates.labels(kind, "nack").inc()
             log.warning("config rejected", type=kind, version=version, error=error)
+        if self.on_update is not None:
+            self.on_update()
 
     # --- Delta -------------------------------------------------------------------------
     async def _run_delta(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:

@@ -52,6 +52,9 @@ class SubscriptionState:
 
     def __init__(self, type_urls: tuple[str, ...] = TYPE_ORDER) -> None:
         self.types: dict[str, TypeState] = {t: TypeState() for t in type_urls}
+        # Types for which at least one response has been accepted: the initial sync is
+        # complete once every subscribed type is here (a proxy is not ready before).
+        self.received: set[str] = set()
 
     def resources(self, candidate: Candidate | None = None) -> dict[str, dict[str, Message]]:
         """type URL -> name -> message, with the candidate's type replaced if given."""
@@ -103,6 +106,11 @@ class SubscriptionState:
         state = self.types[candidate.type_url]
         state.version = candidate.version
         state.resources = candidate.type_resources
+        self.received.add(candidate.type_url)
+
+    @property
+    def synced(self) -> bool:
+        return len(self.received) == len(self.types)
 
     def initial_versions(self, type_url: str) -> dict[str, str]:
         """For a Delta reconnect: what we hold, so the server sends only the difference."""
