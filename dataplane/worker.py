@@ -86,7 +86,8 @@ class Worker:
         if self.ready and not self._announced_ready:
             self._announced_ready = True
             self.metrics.config_ready.set(1)
-            log.info("worker ready", gateway=self.settings.gateway, config_version=self.config.version)
+            log.info("worker ready", gateway=self.settings.gateway, node_id=self.ads.settings.node_id,
+                     config_version=self.config.version)
 
     @property
     def ready(self) -> bool:

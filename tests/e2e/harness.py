@@ -31,6 +31,15 @@ REPO = Path(__file__).resolve().parents[2]
 LogMatcher = Callable[[dict[str, Any]], bool]
 
 
+def event(name: str, **fields: Any) -> LogMatcher:
+    """Match a structlog line by its event name and any field values."""
+
+    def match(line: dict[str, Any]) -> bool:
+        return line.get("event") == name and all(line.get(k) == v for k, v in fields.items())
+
+    return match
+
+
 @dataclass
 class LoggedProcess:
     """A child process whose JSON log lines are collected and can be awaited."""
@@ -78,6 +87,23 @@ class LoggedProcess:
         except TimeoutError:
             tail = "\n".join(self.raw[-30:])
             raise AssertionError(f"{self.name}: no matching log line within {within}s; last lines:\n{tail}") from None
+
+    async def wait_for_count(
+        self, match: LogMatcher, count: int, *, start: int = 0, within: float = 15.0
+    ) -> list[dict[str, Any]]:
+        """Wait until `count` lines after `start` match; return them."""
+        try:
+            with anyio.fail_after(within):
+                while True:
+                    found = [line for line in self.lines[start:] if match(line)]
+                    if len(found) >= count:
+                        return found[:count]
+                    if self.process.returncode is not None and self._changed.is_set():
+                        raise AssertionError(f"{self.name} exited ({self.process.returncode})")
+                    await self._changed.wait()
+        except TimeoutError:
+            tail = "\n".join(self.raw[-30:])
+            raise AssertionError(f"{self.name}: fewer than {count} matching lines in {within}s:\n{tail}") from None
 
     def mark(self) -> int:
         """A position in the log; `wait_for(..., start=mark)` only looks at later lines."""
