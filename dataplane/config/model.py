@@ -92,8 +92,9 @@ class UpstreamCluster:
 class ServerTlsSettings:
     """A TLS listener's certificate, key and ALPN, with the server context built from them."""
 
-    certificate_chain_pem: bytes
-    private_key_pem: bytes
+    certificate_chain_pem: bytes = field(repr=False)
+    # Kept out of repr so a log line or config dump never shows the key.
+    private_key_pem: bytes = field(repr=False)
     alpn_protocols: tuple[str, ...]
     ssl_context: ssl.SSLContext = field(compare=False, repr=False)
     # Identifies the material, so an update that keeps it can keep the listening socket.

@@ -155,35 +155,37 @@ def parse_query(query: str) -> dict[str, str]:
     return params
 
 
-def _conditions_hold(entry: _Entry, method: str, headers: Mapping[str, str], params: Mapping[str, str]) -> bool:
+def _conditions_hold(
+    entry: _Entry, method: str, headers: Mapping[str, str], query: str, parsed: list[dict[str, str]]
+) -> bool:
+    """Method, headers and query params of one match. `parsed` caches the query per request."""
     if entry.method is not None and entry.method != method:
         return False
     for name, value, regex in entry.headers:
         actual = headers.get(name)
         if actual is None or (actual != value if regex is None else regex.fullmatch(actual) is None):
             return False
-    for name, value, regex in entry.query_params:
-        actual = params.get(name)
-        if actual is None or (actual != value if regex is None else regex.fullmatch(actual) is None):
-            return False
+    if entry.query_params:
+        if not parsed:
+            parsed.append(parse_query(query))
+        params = parsed[0]
+        for name, value, regex in entry.query_params:
+            actual = params.get(name)
+            if actual is None or (actual != value if regex is None else regex.fullmatch(actual) is None):
+                return False
     return True
-
-
-_NO_PARAMS: Mapping[str, str] = {}
 
 
 class _Bucket:
     """The rules of one hostname slot, indexed by path kind."""
 
-    __slots__ = ("exact", "needs_query", "prefixes", "regexes")
+    __slots__ = ("exact", "prefixes", "regexes")
 
     def __init__(self, entries: Iterable[tuple[CompiledMatch, _Entry]]) -> None:
         exact: dict[str, list[_Entry]] = {}
         prefixes: dict[str, list[_Entry]] = {}
         regexes: list[_Entry] = []
-        needs_query = False
         for match, entry in entries:
-            needs_query = needs_query or bool(entry.query_params)
             if match.path_kind == "exact":
                 exact.setdefault(match.path, []).append(entry)
             elif match.path_kind == "prefix":
@@ -193,14 +195,14 @@ class _Bucket:
         self.exact = {path: _sorted(slot) for path, slot in exact.items()}
         self.prefixes = {prefix: _sorted(slot) for prefix, slot in prefixes.items()}
         self.regexes = _sorted(regexes)
-        self.needs_query = needs_query
 
     def match(self, path: str, query: str, method: str, headers: Mapping[str, str]) -> RouteMatch | None:
-        params = parse_query(query) if self.needs_query and query else _NO_PARAMS
+        # The query is parsed at most once, and only if a candidate has query conditions.
+        parsed: list[dict[str, str]] = []
         slot = self.exact.get(path)
         if slot is not None:
             for entry in slot:
-                if _conditions_hold(entry, method, headers, params):
+                if _conditions_hold(entry, method, headers, query, parsed):
                     return entry.result
         prefixes = self.prefixes
         if prefixes:
@@ -210,7 +212,7 @@ class _Bucket:
                 slot = prefixes.get(path[:end])
                 if slot is not None:
                     for entry in slot:
-                        if _conditions_hold(entry, method, headers, params):
+                        if _conditions_hold(entry, method, headers, query, parsed):
                             return entry.result
                 if end <= 0:
                     break
@@ -220,7 +222,7 @@ class _Bucket:
             if (
                 regex is not None
                 and regex.fullmatch(path) is not None
-                and _conditions_hold(entry, method, headers, params)
+                and _conditions_hold(entry, method, headers, query, parsed)
             ):
                 return entry.result
         return None
@@ -273,6 +275,9 @@ class RouteTable:
         self._wildcards = {suffix: _Bucket(entries) for suffix, entries in by_suffix.items()}
         self._any_host = _Bucket(any_host) if any_host else None
         self.rule_count = count
+
+    def __repr__(self) -> str:
+        return f"RouteTable(rules={self.rule_count}, hosts={len(self._exact_hosts)}, wildcards={len(self._wildcards)})"
 
     def match(self, host: str, path: str, query: str, method: str, headers: Mapping[str, str]) -> RouteMatch | None:
         """The winning rule for a request, or None (answer 404).
