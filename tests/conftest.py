@@ -7,8 +7,10 @@ import socket
 import pytest
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def anyio_backend() -> str:
+    """One event loop for the session: grpc.aio delivers late completions to the loop that
+    started a call, so a loop per test can fail the next test with a stray callback."""
     return "asyncio"
 
 
