@@ -68,7 +68,7 @@ class AdminServer:
         sock.listen(128)
         sock.setblocking(False)
         self.port = sock.getsockname()[1]
-        async with anyio.abc.SocketListener.from_socket(sock) as listener:
+        async with await anyio.abc.SocketListener.from_socket(sock) as listener:
             task_status.started(self.port)
             await listener.serve(self._handle_connection)
 

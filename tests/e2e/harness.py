@@ -21,6 +21,7 @@ from typing import Any
 
 import anyio
 import anyio.abc
+import yaml
 from anyio.streams.text import TextReceiveStream
 
 from tests.conftest import free_port
@@ -175,53 +176,46 @@ spec: {controllerName: agentgate.dev/gateway-controller}
 """
 
 
+def _dump(document: dict[str, Any]) -> str:
+    return yaml.safe_dump(document, sort_keys=False)
+
+
 def gateway_yaml(name: str, listeners: list[tuple[str, int]], namespace: str = "default") -> str:
-    items = "\n".join(f"    - {{name: {n}, protocol: HTTP, port: {p}}}" for n, p in listeners)
-    return textwrap.dedent(f"""
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: Gateway
-        metadata: {{name: {name}, namespace: {namespace}}}
-        spec:
-          gatewayClassName: agentgate
-          listeners:
-        """) + items + "\n"
+    return _dump({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "Gateway",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {
+            "gatewayClassName": "agentgate",
+            "listeners": [{"name": n, "protocol": "HTTP", "port": p} for n, p in listeners],
+        },
+    })
 
 
 def backend_yaml(name: str, port: int, *, protocol: str = "HTTP1", namespace: str = "default") -> str:
-    return textwrap.dedent(f"""
-        apiVersion: agentgate.dev/v1alpha1
-        kind: Backend
-        metadata: {{name: {name}, namespace: {namespace}}}
-        spec:
-          protocol: {protocol}
-          static: {{host: 127.0.0.1, port: {port}}}
-        """)
+    return _dump({
+        "apiVersion": "agentgate.dev/v1alpha1",
+        "kind": "Backend",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"protocol": protocol, "static": {"host": "127.0.0.1", "port": port}},
+    })
 
 
 def route_yaml(name: str, gateway: str, backends: list[tuple[str, int]], *, path: str = "/",
                set_headers: Mapping[str, str] | None = None, namespace: str = "default") -> str:
-    refs = "\n".join(f"            - {{group: agentgate.dev, kind: Backend, name: {b}, weight: {w}}}"
-                     for b, w in backends)
-    filters = ""
+    rule: dict[str, Any] = {"matches": [{"path": {"type": "PathPrefix", "value": path}}]}
     if set_headers:
-        sets = "\n".join(f"                  - {{name: {k}, value: {v}}}" for k, v in set_headers.items())
-        filters = ("          filters:\n            - type: ResponseHeaderModifier\n"
-                   "              responseHeaderModifier:\n                set:\n" + sets + "\n")
-    return (
-        textwrap.dedent(f"""
-        apiVersion: gateway.networking.k8s.io/v1
-        kind: HTTPRoute
-        metadata: {{name: {name}, namespace: {namespace}}}
-        spec:
-          parentRefs: [{{name: {gateway}}}]
-          rules:
-            - matches: [{{path: {{type: PathPrefix, value: "{path}"}}}}]
-        """)
-        + filters
-        + "          backendRefs:\n"
-        + refs
-        + "\n"
-    )
+        rule["filters"] = [{
+            "type": "ResponseHeaderModifier",
+            "responseHeaderModifier": {"set": [{"name": k, "value": v} for k, v in set_headers.items()]},
+        }]
+    rule["backendRefs"] = [{"group": "agentgate.dev", "kind": "Backend", "name": b, "weight": w} for b, w in backends]
+    return _dump({
+        "apiVersion": "gateway.networking.k8s.io/v1",
+        "kind": "HTTPRoute",
+        "metadata": {"name": name, "namespace": namespace},
+        "spec": {"parentRefs": [{"name": gateway}], "rules": [rule]},
+    })
 
 
 def write_documents(path: Path, *documents: str) -> None:

@@ -1,0 +1,236 @@
+"""backendRefs to discovery Backends and Targets: Kubernetes Services and our agentgate.dev Backend.
+
+Each referenced object becomes one Backend resource with its Target children, built once per
+translation however many routes and gateways use it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+from google.protobuf.duration_pb2 import Duration
+
+from controlplane.model import (
+    AGENTGATE_GROUP,
+    BACKEND,
+    BACKEND_VARIANTS,
+    CONFIG_MAP,
+    CORE_GROUP,
+    GATEWAY_GROUP,
+    HTTP_ROUTE,
+    SERVICE,
+    KubeObject,
+    ObjectKey,
+    parse_duration,
+)
+from controlplane.translate.conditions import (
+    ACCEPTED,
+    REASON_ACCEPTED,
+    REASON_BACKEND_NOT_FOUND,
+    REASON_INVALID,
+    REASON_INVALID_CA_CERTIFICATE_REF,
+    REASON_INVALID_KIND,
+    REASON_REF_NOT_PERMITTED,
+    condition,
+)
+from controlplane.translate.index import ObjectIndex, describe_errors
+from shared.api.agentgate.config.v1 import resources_pb2 as pb
+
+# Service appProtocol values (GEP-1911) that select HTTP/2 with prior knowledge.
+_H2C_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c"})
+_DEFAULT_CA_KEY = "ca.crt"
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedBackend:
+    key: str
+    backend: pb.Backend
+    targets: tuple[pb.Target, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class RefProblem:
+    """Why a backendRef cannot be used, as a ResolvedRefs reason and message."""
+
+    reason: str
+    message: str
+
+
+def duration_message(value: timedelta) -> Duration:
+    message = Duration()
+    message.FromTimedelta(value)
+    return message
+
+
+def target_name(backend_key: str, host: str, port: int) -> str:
+    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    return f"{backend_key}/{address}"
+
+
+class BackendResolver:
+    """Resolves backendRefs of routes, caching each Backend it builds and the status of ours."""
+
+    def __init__(self, index: ObjectIndex) -> None:
+        self._index = index
+        self._services: dict[tuple[str, str, int], ResolvedBackend | RefProblem] = {}
+        self._ours: dict[ObjectKey, ResolvedBackend | RefProblem] = {}
+
+    def resolve(self, route: KubeObject, ref: Mapping[str, Any]) -> ResolvedBackend | RefProblem:
+        group, kind = ref.get("group", CORE_GROUP), ref.get("kind", SERVICE)
+        name = ref["name"]
+        namespace = ref.get("namespace", route.namespace)
+        if (group, kind) not in ((CORE_GROUP, SERVICE), (AGENTGATE_GROUP, BACKEND)):
+            shown = f"{kind}.{group}" if group else kind
+            return RefProblem(
+                REASON_INVALID_KIND, f"unsupported backendRef kind {shown} (use Service or Backend.{AGENTGATE_GROUP})"
+            )
+        if not self._index.reference_permitted(
+            from_group=GATEWAY_GROUP,
+            from_kind=HTTP_ROUTE,
+            from_namespace=route.namespace,
+            to_group=group,
+            to_kind=kind,
+            to_namespace=namespace,
+            to_name=name,
+        ):
+            return RefProblem(
+                REASON_REF_NOT_PERMITTED,
+                f"{kind} {namespace}/{name} is in another namespace and no ReferenceGrant in {namespace} "
+                f"allows HTTPRoutes from {route.namespace} to refer to it",
+            )
+        if kind == SERVICE:
+            key = (namespace, name, int(ref["port"]))
+            if key not in self._services:
+                self._services[key] = self._service(*key)
+            return self._services[key]
+        obj_key = ObjectKey(BACKEND, namespace, name)
+        if obj_key not in self._ours:
+            obj = self._index.get(BACKEND, namespace, name)
+            if obj is None:
+                return RefProblem(REASON_BACKEND_NOT_FOUND, self._index.problem(BACKEND, namespace, name))
+            self._ours[obj_key] = self._our_backend(obj)
+        resolved = self._ours[obj_key]
+        if isinstance(resolved, RefProblem):
+            return RefProblem(REASON_BACKEND_NOT_FOUND, f"Backend {namespace}/{name} is not usable: {resolved.message}")
+        return resolved
+
+    def statuses(self) -> list[tuple[KubeObject, dict[str, Any]]]:
+        """The status of every Backend of ours: Accepted, or why not."""
+        result: list[tuple[KubeObject, dict[str, Any]]] = []
+        for obj in self._index.of_kind(BACKEND):
+            if obj.key not in self._ours:
+                self._ours[obj.key] = self._our_backend(obj)
+            resolved = self._ours[obj.key]
+            if isinstance(resolved, RefProblem):
+                cond = condition(ACCEPTED, False, resolved.reason, resolved.message, obj.generation)
+            else:
+                cond = condition(ACCEPTED, True, REASON_ACCEPTED, "Backend is accepted", obj.generation)
+            result.append((obj, {"conditions": [cond]}))
+        for obj, errors in self._index.invalid_of_kind(BACKEND):
+            cond = condition(ACCEPTED, False, REASON_INVALID, describe_errors(errors), obj.generation)
+            result.append((obj, {"conditions": [cond]}))
+        return result
+
+    # --- Kubernetes Service ------------------------------------------------------------------
+
+    def _service(self, namespace: str, name: str, port: int) -> ResolvedBackend | RefProblem:
+        service = self._index.get(SERVICE, namespace, name)
+        if service is None:
+            return RefProblem(REASON_BACKEND_NOT_FOUND, self._index.problem(SERVICE, namespace, name))
+        ports = service.spec.get("ports") or []
+        entry = next((p for p in ports if p.get("port") == port), None)
+        if ports and entry is None:
+            listed = ", ".join(str(p.get("port")) for p in ports)
+            message = f"Service {namespace}/{name} has no port {port} (ports: {listed})"
+            return RefProblem(REASON_BACKEND_NOT_FOUND, message)
+        app_protocol = (entry or {}).get("appProtocol", "")
+        key = f"{namespace}/{name}:{port}"
+        backend = pb.Backend(
+            name=key,
+            protocol=pb.UPSTREAM_PROTOCOL_HTTP2 if app_protocol in _H2C_APP_PROTOCOLS else pb.UPSTREAM_PROTOCOL_HTTP1,
+            http=pb.HttpBackend(),
+        )
+        host = service.spec.get("externalName") or f"{name}.{namespace}.svc.cluster.local"
+        target = pb.Target(
+            name=target_name(key, host, port), backend=key, weight=1, address=pb.SocketAddress(host=host, port=port)
+        )
+        return ResolvedBackend(key, backend, (target,))
+
+    # --- agentgate.dev Backend ---------------------------------------------------------------
+
+    def _our_backend(self, obj: KubeObject) -> ResolvedBackend | RefProblem:
+        spec = obj.spec
+        key = obj.ref
+        backend = pb.Backend(
+            name=key,
+            protocol=pb.UPSTREAM_PROTOCOL_HTTP2 if spec.get("protocol") == "HTTP2" else pb.UPSTREAM_PROTOCOL_HTTP1,
+        )
+        if "tls" in spec:
+            problem = self._upstream_tls(obj, spec.get("tls") or {}, backend.tls)
+            if problem is not None:
+                return problem
+        pool = backend.pool
+        if "connectTimeout" in spec:
+            pool.connect_timeout.CopyFrom(duration_message(parse_duration(spec["connectTimeout"])))
+        if "idleTimeout" in spec:
+            pool.idle_timeout.CopyFrom(duration_message(parse_duration(spec["idleTimeout"])))
+        if "maxConnections" in spec:
+            pool.max_connections = spec["maxConnections"]
+        if not pool.ListFields():
+            backend.ClearField("pool")
+        variant = next(name for name in BACKEND_VARIANTS if name in spec)
+        targets = _VARIANT_BUILDERS[variant](key, spec[variant], backend)
+        return ResolvedBackend(key, backend, targets)
+
+    def _upstream_tls(self, obj: KubeObject, tls: Mapping[str, Any], out: pb.UpstreamTls) -> RefProblem | None:
+        out.SetInParent()  # present, even empty, means "TLS with the system trust store"
+        out.server_name = tls.get("sni", "")
+        out.insecure_skip_verify = bool(tls.get("insecureSkipVerify", False))
+        bundle: list[bytes] = []
+        if tls.get("caCertificates"):
+            bundle.append(tls["caCertificates"].encode())
+        for index, ref in enumerate(tls.get("caCertificateRefs") or ()):
+            kind, name = ref.get("kind", CONFIG_MAP), ref["name"]
+            data_key = ref.get("key", _DEFAULT_CA_KEY)
+            holder = self._index.get(kind, obj.namespace, name)
+            where = f"spec.tls.caCertificateRefs[{index}]"
+            if holder is None:
+                return RefProblem(
+                    REASON_INVALID_CA_CERTIFICATE_REF, f"{where}: {self._index.problem(kind, obj.namespace, name)}"
+                )
+            pem = holder.data_value(data_key)
+            if pem is None:
+                message = f"{where}: {kind} {holder.ref} has no key {data_key!r}"
+                return RefProblem(REASON_INVALID_CA_CERTIFICATE_REF, message)
+            if b"-----BEGIN CERTIFICATE-----" not in pem:
+                return RefProblem(
+                    REASON_INVALID_CA_CERTIFICATE_REF,
+                    f"{where}: {kind} {holder.ref} key {data_key!r} holds no PEM certificate",
+                )
+            bundle.append(pem if pem.endswith(b"\n") else pem + b"\n")
+        out.ca_certificates_pem = b"".join(bundle)
+        return None
+
+
+def _static_targets(key: str, static: Mapping[str, Any], backend: pb.Backend) -> tuple[pb.Target, ...]:
+    backend.http.SetInParent()
+    hosts = static.get("hosts", [static])
+    return tuple(
+        pb.Target(
+            name=target_name(key, host["host"], host["port"]),
+            backend=key,
+            weight=host.get("weight", 1),
+            address=pb.SocketAddress(host=host["host"], port=host["port"]),
+        )
+        for host in hosts
+    )
+
+
+# One builder per Backend variant (see model.validation.BACKEND_VARIANTS): it sets the
+# Backend's kind and returns its Targets. "mcp", "a2a" and "llm" arrive here later.
+_VARIANT_BUILDERS: Mapping[str, Callable[[str, Any, pb.Backend], tuple[pb.Target, ...]]] = {
+    "static": _static_targets,
+}

@@ -1,0 +1,48 @@
+"""Status conditions in the shape of metav1.Condition, and the reasons the Gateway API defines.
+
+`lastTransitionTime` is left out on purpose: the translator is pure and cannot know when a
+condition last changed. The status writer, which holds the previous status, sets it (keeping
+the old time when type, status and reason are unchanged).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+ACCEPTED = "Accepted"
+PROGRAMMED = "Programmed"
+RESOLVED_REFS = "ResolvedRefs"
+CONFLICTED = "Conflicted"
+PARTIALLY_INVALID = "PartiallyInvalid"
+
+# Reasons (gateway.networking.k8s.io/v1 and our Backend kind).
+REASON_ACCEPTED = "Accepted"
+REASON_PROGRAMMED = "Programmed"
+REASON_RESOLVED_REFS = "ResolvedRefs"
+REASON_INVALID = "Invalid"
+REASON_LISTENERS_NOT_VALID = "ListenersNotValid"
+REASON_UNSUPPORTED_ADDRESS = "UnsupportedAddress"
+REASON_UNSUPPORTED_PROTOCOL = "UnsupportedProtocol"
+REASON_NO_CONFLICTS = "NoConflicts"
+REASON_HOSTNAME_CONFLICT = "HostnameConflict"
+REASON_PROTOCOL_CONFLICT = "ProtocolConflict"
+REASON_INVALID_CERTIFICATE_REF = "InvalidCertificateRef"
+REASON_INVALID_ROUTE_KINDS = "InvalidRouteKinds"
+REASON_REF_NOT_PERMITTED = "RefNotPermitted"
+REASON_NOT_ALLOWED_BY_LISTENERS = "NotAllowedByListeners"
+REASON_NO_MATCHING_LISTENER_HOSTNAME = "NoMatchingListenerHostname"
+REASON_NO_MATCHING_PARENT = "NoMatchingParent"
+REASON_UNSUPPORTED_VALUE = "UnsupportedValue"
+REASON_BACKEND_NOT_FOUND = "BackendNotFound"
+REASON_INVALID_KIND = "InvalidKind"
+REASON_INVALID_CA_CERTIFICATE_REF = "InvalidCACertificateRef"
+
+
+def condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:
+    return {
+        "type": kind,
+        "status": "True" if ok else "False",
+        "reason": reason,
+        "message": message,
+        "observedGeneration": generation,
+    }
