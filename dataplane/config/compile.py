@@ -31,7 +31,7 @@ from dataplane.config.model import (
     UpstreamTarget,
 )
 from dataplane.config.routes import compile_route
-from dataplane.config.tls import client_context, server_context
+from dataplane.config.tls import client_context, server_context, sni_selector
 from dataplane.config.validate import MAX_WEIGHT_TOTAL, check_enum, check_hostname, duration_seconds
 from dataplane.routing.match import RouteRule, RouteTable
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
@@ -71,7 +71,7 @@ def compile_config(resources: ResourceMap, *, version: str) -> RuntimeConfig:
             address=bind[0],
             port=bind[1],
             listener_names=tuple(listener.name for listener in members),
-            tls=members[0].tls,
+            tls=_group_tls(errors, members),
             route_table=RouteTable(rules_by_group[bind]),
         )
         for bind, members in groups.items()
@@ -295,8 +295,42 @@ def _server_tls(
     return cache[key]
 
 
+def _group_tls(errors: ErrorList, members: list[_Listener]) -> ServerTlsSettings | None:
+    """The TLS settings of a listener group; with several certificates, one that selects by SNI.
+
+    The default certificate (no SNI, or a name no listener claims) is that of the listener
+    without a hostname if there is one, else of the first listener.
+    """
+    secured = [m for m in members if m.tls is not None]
+    if not secured:
+        return None
+    if len({m.tls.fingerprint for m in secured}) == 1:  # type: ignore[union-attr]
+        return secured[0].tls
+    default = next((m for m in secured if m.hostname is None), secured[0]).tls
+    assert default is not None
+    by_host = {m.hostname: m.tls for m in secured if m.hostname is not None}
+    context = server_context(
+        errors.reporter(LISTENER, secured[0].name), "tls", default.certificate_chain_pem,
+        default.private_key_pem, default.alpn_protocols,
+    )
+    if context is None:  # already loaded once for the listener itself, so this is not expected
+        return None
+    context.sni_callback = sni_selector({host: tls.ssl_context for host, tls in by_host.items()})  # type: ignore[union-attr]
+    return ServerTlsSettings(
+        certificate_chain_pem=default.certificate_chain_pem,
+        private_key_pem=default.private_key_pem,
+        alpn_protocols=default.alpn_protocols,
+        ssl_context=context,
+        sni_hosts=tuple(sorted((host, tls.fingerprint) for host, tls in by_host.items())),  # type: ignore[union-attr]
+    )
+
+
 def _group_listeners(errors: ErrorList, listeners: list[_Listener]) -> dict[tuple[str, int], list[_Listener]]:
-    """Listeners on one (address, port) share a socket: same protocol and TLS, distinct hostnames."""
+    """Listeners on one (address, port) share a socket: same protocol, distinct hostnames.
+
+    HTTPS listeners sharing a port may hold different certificates: the group's TLS
+    context then picks one by SNI (see _group_tls).
+    """
     groups: dict[tuple[str, int], list[_Listener]] = {}
     for listener in listeners:
         bind = (listener.address, listener.port)
@@ -309,8 +343,6 @@ def _group_listeners(errors: ErrorList, listeners: list[_Listener]) -> dict[tupl
         where = f"{listener.address}:{listener.port}"
         if listener.https != first.https:
             report("protocol", f"differs from listener {first.name} on the same bind {where}")
-        elif listener.tls is not None and first.tls is not None and listener.tls.fingerprint != first.tls.fingerprint:
-            report("tls", f"differs from listener {first.name} on the same bind {where}")
         elif any(member.hostname == listener.hostname for member in members):
             other = next(member.name for member in members if member.hostname == listener.hostname)
             report("hostname", f"{listener.hostname or '(any)'!r} is already served by listener {other} on {where}")

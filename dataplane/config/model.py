@@ -90,19 +90,27 @@ class UpstreamCluster:
 
 @dataclass(frozen=True, slots=True)
 class ServerTlsSettings:
-    """A TLS listener's certificate, key and ALPN, with the server context built from them."""
+    """A TLS listener's certificate, key and ALPN, with the server context built from them.
+
+    For a port shared by HTTPS listeners with different certificates, `ssl_context`
+    selects each listener's certificate by SNI and `sni_hosts` lists (hostname,
+    certificate fingerprint) so a change of any certificate changes `fingerprint`.
+    """
 
     certificate_chain_pem: bytes = field(repr=False)
     # Kept out of repr so a log line or config dump never shows the key.
     private_key_pem: bytes = field(repr=False)
     alpn_protocols: tuple[str, ...]
     ssl_context: ssl.SSLContext = field(compare=False, repr=False)
+    sni_hosts: tuple[tuple[str, str], ...] = ()
     # Identifies the material, so an update that keeps it can keep the listening socket.
     fingerprint: str = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         digest = hashlib.sha256()
-        for part in (self.certificate_chain_pem, self.private_key_pem, ",".join(self.alpn_protocols).encode()):
+        parts = [self.certificate_chain_pem, self.private_key_pem, ",".join(self.alpn_protocols).encode()]
+        parts += [f"{host}={fingerprint}".encode() for host, fingerprint in self.sni_hosts]
+        for part in parts:
             digest.update(len(part).to_bytes(8, "big"))
             digest.update(part)
         object.__setattr__(self, "fingerprint", digest.hexdigest())

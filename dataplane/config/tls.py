@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import ssl
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from dataplane.config.errors import ErrorReporter
 
@@ -44,6 +44,34 @@ def server_context(
         report(f"{field}.alpn_protocols", f"invalid ALPN protocols: {_reason(exc)}")
         return None
     return context
+
+
+def sni_selector(by_host: Mapping[str, ssl.SSLContext]) -> Callable[[ssl.SSLObject, str | None, ssl.SSLContext], None]:
+    """An SNI callback that switches the connection to the context of the named host.
+
+    Exact names first, then the longest wildcard suffix ("*.example.com" covers
+    "a.example.com" and "a.b.example.com", not "example.com"); otherwise the
+    connection keeps the default context. Built once per config, so a handshake costs a
+    dict lookup.
+    """
+    exact = {host: context for host, context in by_host.items() if not host.startswith("*.")}
+    wildcards = sorted(
+        ((host[1:], context) for host, context in by_host.items() if host.startswith("*.")),
+        key=lambda item: len(item[0]),
+        reverse=True,
+    )
+
+    def select(connection: ssl.SSLObject, server_name: str | None, _default: ssl.SSLContext) -> None:
+        if not server_name:
+            return
+        name = server_name.lower().rstrip(".")
+        context = exact.get(name)
+        if context is None:
+            context = next((c for suffix, c in wildcards if name.endswith(suffix) and len(name) > len(suffix)), None)
+        if context is not None:
+            connection.context = context
+
+    return select
 
 
 def client_context(

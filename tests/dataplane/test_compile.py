@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import ssl
 from collections.abc import Iterable
@@ -144,14 +145,54 @@ def test_listener_conflicts_on_one_bind(cert: Pem, second: pb.Listener, field: s
     assert "ns/gw/a" in errors[0].message
 
 
-def test_different_tls_on_one_bind_is_a_conflict(cert: Pem, other_cert: Pem) -> None:
-    errors = rejected(
+def _served_certificate(server: ssl.SSLContext, ca: trustme.CA, server_name: str | None) -> str:
+    """Run a TLS handshake in memory (no sockets) and return the subject the server presented."""
+    client_context = ssl.create_default_context()
+    ca.configure_trust(client_context)
+    client_context.check_hostname = False
+    client_in, client_out, server_in, server_out = (ssl.MemoryBIO() for _ in range(4))
+    client = client_context.wrap_bio(client_in, client_out, server_hostname=server_name)
+    served = server.wrap_bio(server_in, server_out, server_side=True)
+    for _ in range(10):  # a TLS 1.3 handshake needs two round trips
+        for side in (client, served):
+            with contextlib.suppress(ssl.SSLWantReadError):
+                side.do_handshake()
+        server_in.write(client_out.read())
+        client_in.write(server_out.read())
+        try:
+            client.do_handshake()
+            break
+        except ssl.SSLWantReadError:
+            continue
+    certificate = client.getpeercert()
+    return next(value for rdn in certificate["subjectAltName"] for value in rdn[1:])  # type: ignore[index]
+
+
+def test_https_listeners_sharing_a_port_select_their_certificate_by_sni(
+    ca: trustme.CA, cert: Pem, other_cert: Pem
+) -> None:
+    config = compile_config(
         resources(
-            https_listener("ns/gw/a", cert, hostname="a.example.com"),
-            https_listener("ns/gw/b", other_cert, hostname="b.example.com"),
-        )
+            https_listener("ns/gw/a", cert, hostname="gateway.example.com"),
+            https_listener("ns/gw/b", other_cert, hostname="*.example.com"),
+        ),
+        version="v1",
     )
-    assert fields_of(errors) == {("Listener", "ns/gw/b", "tls")}
+    (group,) = config.listeners.values()
+    assert group.tls is not None and group.tls.sni_hosts
+    context = group.tls.ssl_context
+    assert _served_certificate(context, ca, "gateway.example.com") == "gateway.example.com"
+    assert _served_certificate(context, ca, "x.example.com") == "other.example.com", "wildcard listener"
+    assert _served_certificate(context, ca, None) == "gateway.example.com", "no SNI: the first listener"
+    # Changing one certificate changes the group's fingerprint, so the socket is rebuilt.
+    changed = compile_config(
+        resources(
+            https_listener("ns/gw/a", cert, hostname="gateway.example.com"),
+            https_listener("ns/gw/b", cert, hostname="*.example.com"),
+        ),
+        version="v2",
+    )
+    assert next(iter(changed.listeners.values())).bind_key != group.bind_key
 
 
 @pytest.mark.parametrize("port", [0, 65536, 100_000])
