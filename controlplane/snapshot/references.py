@@ -62,7 +62,7 @@ def references(type_url: str, message: Message) -> set[tuple[str, str]]:
         assert isinstance(message, pb.Route)
         refs.update((LISTENER, name) for name in message.listeners)
         if not message.direct_response_status:
-            refs.update((BACKEND, ref.backend) for ref in _backend_refs(message))
+            refs.update((BACKEND, ref.backend) for ref in _backend_refs(message) if not ref.direct_response_status)
     elif type_url == TARGET:
         assert isinstance(message, pb.Target)
         refs.add((BACKEND, message.backend))

@@ -5,9 +5,9 @@ parts (listeners, effective hostnames) are added when a snapshot is assembled.
 
 Invalid backendRefs (Gateway API: the requests they would get are answered 500):
 - no usable backend in a rule: the Route carries `direct_response_status = 500` and no backends;
-- some usable: the invalid refs' summed weight goes to one BackendRef naming INVALID_BACKEND_KEY,
-  a Backend without Targets that the snapshot includes, so the share fails instead of silently
-  moving to the healthy backends. Proxies answer it without forwarding (no target to pick).
+- some usable: the invalid refs' summed weight goes to one BackendRef with
+  `direct_response_status = 500` and no backend, so that share fails instead of silently
+  moving to the healthy backends.
 """
 
 from __future__ import annotations
@@ -37,7 +37,6 @@ from shared.api.agentgate.config.v1 import resources_pb2 as pb
 
 # A Backend with no Targets standing for the share of traffic of invalid backendRefs. The
 # parentheses make it impossible as a Kubernetes name, so it never collides with a real one.
-INVALID_BACKEND_KEY = "(invalid)/backend-ref"
 DIRECT_RESPONSE_INVALID_BACKEND = 500
 
 _SUPPORTED_FILTERS = frozenset({"RequestHeaderModifier", "ResponseHeaderModifier", "URLRewrite", "RequestRedirect"})
@@ -54,7 +53,6 @@ _DEFAULT_RULES: Sequence[Mapping[str, Any]] = ({},)
 class CompiledRule:
     route: pb.Route  # without listeners and hostnames
     backends: list[ResolvedBackend]
-    invalid_share: bool
 
 
 @dataclass
@@ -136,14 +134,16 @@ def _rule_backends(
         refs.append(backend_ref)
     redirects = any(f["type"] == "RequestRedirect" for f in filters)
     if redirects:
-        return CompiledRule(message, [], False)
+        return CompiledRule(message, [])
     if valid_weight == 0:
         message.direct_response_status = DIRECT_RESPONSE_INVALID_BACKEND
-        return CompiledRule(message, [], False)
+        return CompiledRule(message, [])
     message.backends.extend(refs)
     if invalid_weight:
-        message.backends.append(pb.BackendRef(backend=INVALID_BACKEND_KEY, weight=invalid_weight))
-    return CompiledRule(message, resolved, invalid_weight > 0)
+        message.backends.append(
+            pb.BackendRef(weight=invalid_weight, direct_response_status=DIRECT_RESPONSE_INVALID_BACKEND)
+        )
+    return CompiledRule(message, resolved)
 
 
 def _match(match: Mapping[str, Any]) -> pb.RouteMatch:

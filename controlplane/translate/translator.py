@@ -26,7 +26,6 @@ from controlplane.translate.conditions import (
 from controlplane.translate.gateways import CertificateCache, GatewayState, evaluate_gateway
 from controlplane.translate.index import ObjectIndex, describe_errors
 from controlplane.translate.routes import (
-    INVALID_BACKEND_KEY,
     Attachment,
     CompiledRoute,
     attach,
@@ -157,8 +156,6 @@ def _snapshot(gateway: GatewayState, routes: Mapping[str, tuple[CompiledRoute, l
             for resolved in rule.backends:
                 backends[resolved.key] = resolved.backend
                 targets.update((target.name, target) for target in resolved.targets)
-            if rule.invalid_share:
-                backends[INVALID_BACKEND_KEY] = pb.Backend(name=INVALID_BACKEND_KEY)
     by_type: dict[str, dict[str, Message]] = {
         BACKEND_TYPE: backends,
         TARGET: targets,

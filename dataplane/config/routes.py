@@ -259,6 +259,17 @@ def _compile_backend_refs(
     total = 0
     for index, ref in enumerate(refs):
         where = f"backends[{index}]"
+        if ref.direct_response_status:
+            if not 100 <= ref.direct_response_status <= 599:
+                report(f"{where}.direct_response_status", f"{ref.direct_response_status} is not an HTTP status")
+                continue
+            if ref.backend or ref.filters:
+                report(f"{where}", "a direct-response share names no backend and has no filters")
+                continue
+            total += ref.weight
+            choices.append(BackendChoice(name="", cluster=None, weight=ref.weight,
+                                         direct_response_status=ref.direct_response_status))
+            continue
         if not ref.backend:
             report(f"{where}.backend", "a backend name is required")
             continue

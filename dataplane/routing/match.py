@@ -28,13 +28,19 @@ PathKind = Literal["exact", "prefix", "regex"]
 
 @dataclass(frozen=True, slots=True)
 class BackendChoice:
-    """One backendRef of a rule. `cluster` None: the backend is not in the config (answer 503)."""
+    """One backendRef of a rule.
+
+    `direct_response_status` set: the control plane could not resolve this reference and
+    its share is answered with that status (500). Otherwise `cluster` None means the
+    backend is not in this config (answer 503, naming it).
+    """
 
     name: str
     cluster: UpstreamCluster | None
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
     weight: int = 1
+    direct_response_status: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -144,6 +144,8 @@ def test_route_references_include_filter_level_backends_unless_it_answers_direct
     nested = pb.BackendRef(backend="ns/b1", filters=[pb.RouteFilter()])
     message = pb.Route(name="ns/r/0", listeners=["l1", "l2"], backends=[nested, pb.BackendRef(backend="ns/b2")])
     assert references(ROUTE, message) == {(LISTENER, "l1"), (LISTENER, "l2"), (BACKEND, "ns/b1"), (BACKEND, "ns/b2")}
+    message.backends.append(pb.BackendRef(weight=2, direct_response_status=500))  # an unresolved share
+    assert references(ROUTE, message) == {(LISTENER, "l1"), (LISTENER, "l2"), (BACKEND, "ns/b1"), (BACKEND, "ns/b2")}
     message.direct_response_status = 500
     assert references(ROUTE, message) == {(LISTENER, "l1"), (LISTENER, "l2")}
     assert references(TARGET, pb.Target(name="b/t", backend="b")) == {(BACKEND, "b")}

@@ -668,3 +668,28 @@ def test_thousand_routes_compile() -> None:
     found = table.match("svc7.example.com", "/r/457/12", "", "GET", {"x-tenant": "t457"})
     assert found is not None and found.route.name == "ns/r0457/0"
     assert table.match("svc8.example.com", "/api/457", "", "GET", {}) is None
+
+
+def test_unresolved_backend_share_is_a_direct_response_choice() -> None:
+    route = rule(
+        "ns/web/0",
+        listeners=("ns/gw/http",),
+        backends=[
+            pb.BackendRef(backend="ns/web", weight=1),
+            pb.BackendRef(weight=3, direct_response_status=500),
+        ],
+    )
+    config = compile_config(resources(listener("ns/gw/http"), route), version="v1")
+    (group,) = config.listeners.values()
+    matched = group.route_table.match("any", "/", "", "GET", {})
+    assert matched is not None
+    choices = {c.direct_response_status: c for c in matched.route.backends}
+    assert choices[500].cluster is None and choices[500].name == "" and choices[500].weight == 3
+    assert matched.route.pick_backend(rand=lambda: 0.9).direct_response_status == 500
+    assert matched.route.pick_backend(rand=lambda: 0.1).name == "ns/web"
+
+
+def test_direct_response_share_must_not_name_a_backend() -> None:
+    route = rule("ns/web/0", backends=[pb.BackendRef(backend="ns/web", weight=1, direct_response_status=500)])
+    errors = rejected(resources(listener("ns/gw/http"), route))
+    assert ("Route", "ns/web/0", "backends[0]") in fields_of(errors)

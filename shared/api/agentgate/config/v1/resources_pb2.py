@@ -26,19 +26,19 @@ _sym_db = _symbol_database.Default()
 from google.protobuf import duration_pb2 as google_dot_protobuf_dot_duration__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#agentgate/config/v1/resources.proto\x12\x13\x61gentgate.config.v1\x1a\x1egoogle/protobuf/duration.proto\"\xc0\x01\n\x08Listener\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x37\n\x08protocol\x18\x05 \x01(\x0e\x32%.agentgate.config.v1.ListenerProtocol\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12+\n\x03tls\x18\x07 \x01(\x0b\x32\x1e.agentgate.config.v1.ServerTls\"[\n\tServerTls\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\x12\x17\n\x0fprivate_key_pem\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61lpn_protocols\x18\x03 \x03(\t\"\xef\x02\n\x05Route\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tlisteners\x18\x02 \x03(\t\x12\x11\n\thostnames\x18\x03 \x03(\t\x12\x30\n\x07matches\x18\x04 \x03(\x0b\x32\x1f.agentgate.config.v1.RouteMatch\x12\x31\n\x07\x66ilters\x18\x05 \x03(\x0b\x32 .agentgate.config.v1.RouteFilter\x12\x31\n\x08\x62\x61\x63kends\x18\x06 \x03(\x0b\x32\x1f.agentgate.config.v1.BackendRef\x12\x34\n\x08timeouts\x18\x07 \x01(\x0b\x32\".agentgate.config.v1.RouteTimeouts\x12\x1d\n\x15\x63reation_unix_seconds\x18\x08 \x01(\x03\x12\x11\n\troute_key\x18\t \x01(\t\x12\x12\n\nrule_index\x18\n \x01(\r\x12\x1e\n\x16\x64irect_response_status\x18\x0b \x01(\r\"\xb9\x01\n\nRouteMatch\x12,\n\x04path\x18\x01 \x01(\x0b\x32\x1e.agentgate.config.v1.PathMatch\x12\x31\n\x07headers\x18\x02 \x03(\x0b\x32 .agentgate.config.v1.HeaderMatch\x12:\n\x0cquery_params\x18\x03 \x03(\x0b\x32$.agentgate.config.v1.QueryParamMatch\x12\x0e\n\x06method\x18\x04 \x01(\t\"\x9c\x01\n\tPathMatch\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.agentgate.config.v1.PathMatch.Kind\x12\r\n\x05value\x18\x02 \x01(\t\"M\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_EXACT\x10\x01\x12\x0f\n\x0bKIND_PREFIX\x10\x02\x12\x0e\n\nKIND_REGEX\x10\x03\"^\n\x0bHeaderMatch\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.agentgate.config.v1.StringMatchKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"b\n\x0fQueryParamMatch\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.agentgate.config.v1.StringMatchKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"\xa0\x02\n\x0bRouteFilter\x12\x46\n\x17request_header_modifier\x18\x01 \x01(\x0b\x32#.agentgate.config.v1.HeaderModifierH\x00\x12G\n\x18response_header_modifier\x18\x02 \x01(\x0b\x32#.agentgate.config.v1.HeaderModifierH\x00\x12\x36\n\x0burl_rewrite\x18\x03 \x01(\x0b\x32\x1f.agentgate.config.v1.UrlRewriteH\x00\x12@\n\x10request_redirect\x18\x04 \x01(\x0b\x32$.agentgate.config.v1.RequestRedirectH\x00\x42\x06\n\x04kind\"\xb9\x01\n\x0eHeaderModifier\x12\x37\n\x03set\x18\x01 \x03(\x0b\x32*.agentgate.config.v1.HeaderModifier.Header\x12\x37\n\x03\x61\x64\x64\x18\x02 \x03(\x0b\x32*.agentgate.config.v1.HeaderModifier.Header\x12\x0e\n\x06remove\x18\x03 \x03(\t\x1a%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"S\n\x0cPathModifier\x12\x1b\n\x11replace_full_path\x18\x01 \x01(\tH\x00\x12\x1e\n\x14replace_prefix_match\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"O\n\nUrlRewrite\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12/\n\x04path\x18\x02 \x01(\x0b\x32!.agentgate.config.v1.PathModifier\"\x87\x01\n\x0fRequestRedirect\x12\x0e\n\x06scheme\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12/\n\x04path\x18\x03 \x01(\x0b\x32!.agentgate.config.v1.PathModifier\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x13\n\x0bstatus_code\x18\x05 \x01(\r\"`\n\nBackendRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x31\n\x07\x66ilters\x18\x03 \x03(\x0b\x32 .agentgate.config.v1.RouteFilter\"o\n\rRouteTimeouts\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0f\x62\x61\x63kend_request\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xfc\x02\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x37\n\x08protocol\x18\x02 \x01(\x0e\x32%.agentgate.config.v1.UpstreamProtocol\x12-\n\x03tls\x18\x03 \x01(\x0b\x32 .agentgate.config.v1.UpstreamTls\x12\x31\n\x04pool\x18\x04 \x01(\x0b\x32#.agentgate.config.v1.ConnectionPool\x12\x30\n\x04http\x18\n \x01(\x0b\x32 .agentgate.config.v1.HttpBackendH\x00\x12.\n\x03mcp\x18\x0b \x01(\x0b\x32\x1f.agentgate.config.v1.McpBackendH\x00\x12.\n\x03\x61\x32\x61\x18\x0c \x01(\x0b\x32\x1f.agentgate.config.v1.A2aBackendH\x00\x12.\n\x03llm\x18\r \x01(\x0b\x32\x1f.agentgate.config.v1.LlmBackendH\x00\x42\x06\n\x04kind\"]\n\x0bUpstreamTls\x12\x1b\n\x13\x63\x61_certificates_pem\x18\x01 \x01(\x0c\x12\x13\n\x0bserver_name\x18\x02 \x01(\t\x12\x1c\n\x14insecure_skip_verify\x18\x03 \x01(\x08\"\x8e\x01\n\x0e\x43onnectionPool\x12\x32\n\x0f\x63onnect_timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cidle_timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_connections\x18\x03 \x01(\r\"\r\n\x0bHttpBackend\"\x0c\n\nMcpBackend\"\x0c\n\nA2aBackend\"\x0c\n\nLlmBackend\"v\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x35\n\x07\x61\x64\x64ress\x18\n \x01(\x0b\x32\".agentgate.config.v1.SocketAddressH\x00\x42\x06\n\x04kind\"+\n\rSocketAddress\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"S\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x07targets\x18\x02 \x03(\x0b\x32$.agentgate.config.v1.PolicyTargetRefJ\x04\x08\x03\x10\n\"\xd2\x01\n\x0fPolicyTargetRef\x12\x37\n\x04kind\x18\x01 \x01(\x0e\x32).agentgate.config.v1.PolicyTargetRef.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\"x\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_GATEWAY\x10\x01\x12\x11\n\rKIND_LISTENER\x10\x02\x12\x0e\n\nKIND_ROUTE\x10\x03\x12\x13\n\x0fKIND_ROUTE_RULE\x10\x04\x12\x10\n\x0cKIND_BACKEND\x10\x05*n\n\x10ListenerProtocol\x12!\n\x1dLISTENER_PROTOCOL_UNSPECIFIED\x10\x00\x12\x1a\n\x16LISTENER_PROTOCOL_HTTP\x10\x01\x12\x1b\n\x17LISTENER_PROTOCOL_HTTPS\x10\x02*n\n\x0fStringMatchKind\x12!\n\x1dSTRING_MATCH_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17STRING_MATCH_KIND_EXACT\x10\x01\x12\x1b\n\x17STRING_MATCH_KIND_REGEX\x10\x02*o\n\x10UpstreamProtocol\x12!\n\x1dUPSTREAM_PROTOCOL_UNSPECIFIED\x10\x00\x12\x1b\n\x17UPSTREAM_PROTOCOL_HTTP1\x10\x01\x12\x1b\n\x17UPSTREAM_PROTOCOL_HTTP2\x10\x02\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n#agentgate/config/v1/resources.proto\x12\x13\x61gentgate.config.v1\x1a\x1egoogle/protobuf/duration.proto\"\xc0\x01\n\x08Listener\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07gateway\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x37\n\x08protocol\x18\x05 \x01(\x0e\x32%.agentgate.config.v1.ListenerProtocol\x12\x10\n\x08hostname\x18\x06 \x01(\t\x12+\n\x03tls\x18\x07 \x01(\x0b\x32\x1e.agentgate.config.v1.ServerTls\"[\n\tServerTls\x12\x1d\n\x15\x63\x65rtificate_chain_pem\x18\x01 \x01(\x0c\x12\x17\n\x0fprivate_key_pem\x18\x02 \x01(\x0c\x12\x16\n\x0e\x61lpn_protocols\x18\x03 \x03(\t\"\xef\x02\n\x05Route\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\tlisteners\x18\x02 \x03(\t\x12\x11\n\thostnames\x18\x03 \x03(\t\x12\x30\n\x07matches\x18\x04 \x03(\x0b\x32\x1f.agentgate.config.v1.RouteMatch\x12\x31\n\x07\x66ilters\x18\x05 \x03(\x0b\x32 .agentgate.config.v1.RouteFilter\x12\x31\n\x08\x62\x61\x63kends\x18\x06 \x03(\x0b\x32\x1f.agentgate.config.v1.BackendRef\x12\x34\n\x08timeouts\x18\x07 \x01(\x0b\x32\".agentgate.config.v1.RouteTimeouts\x12\x1d\n\x15\x63reation_unix_seconds\x18\x08 \x01(\x03\x12\x11\n\troute_key\x18\t \x01(\t\x12\x12\n\nrule_index\x18\n \x01(\r\x12\x1e\n\x16\x64irect_response_status\x18\x0b \x01(\r\"\xb9\x01\n\nRouteMatch\x12,\n\x04path\x18\x01 \x01(\x0b\x32\x1e.agentgate.config.v1.PathMatch\x12\x31\n\x07headers\x18\x02 \x03(\x0b\x32 .agentgate.config.v1.HeaderMatch\x12:\n\x0cquery_params\x18\x03 \x03(\x0b\x32$.agentgate.config.v1.QueryParamMatch\x12\x0e\n\x06method\x18\x04 \x01(\t\"\x9c\x01\n\tPathMatch\x12\x31\n\x04kind\x18\x01 \x01(\x0e\x32#.agentgate.config.v1.PathMatch.Kind\x12\r\n\x05value\x18\x02 \x01(\t\"M\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x0e\n\nKIND_EXACT\x10\x01\x12\x0f\n\x0bKIND_PREFIX\x10\x02\x12\x0e\n\nKIND_REGEX\x10\x03\"^\n\x0bHeaderMatch\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.agentgate.config.v1.StringMatchKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"b\n\x0fQueryParamMatch\x12\x32\n\x04kind\x18\x01 \x01(\x0e\x32$.agentgate.config.v1.StringMatchKind\x12\x0c\n\x04name\x18\x02 \x01(\t\x12\r\n\x05value\x18\x03 \x01(\t\"\xa0\x02\n\x0bRouteFilter\x12\x46\n\x17request_header_modifier\x18\x01 \x01(\x0b\x32#.agentgate.config.v1.HeaderModifierH\x00\x12G\n\x18response_header_modifier\x18\x02 \x01(\x0b\x32#.agentgate.config.v1.HeaderModifierH\x00\x12\x36\n\x0burl_rewrite\x18\x03 \x01(\x0b\x32\x1f.agentgate.config.v1.UrlRewriteH\x00\x12@\n\x10request_redirect\x18\x04 \x01(\x0b\x32$.agentgate.config.v1.RequestRedirectH\x00\x42\x06\n\x04kind\"\xb9\x01\n\x0eHeaderModifier\x12\x37\n\x03set\x18\x01 \x03(\x0b\x32*.agentgate.config.v1.HeaderModifier.Header\x12\x37\n\x03\x61\x64\x64\x18\x02 \x03(\x0b\x32*.agentgate.config.v1.HeaderModifier.Header\x12\x0e\n\x06remove\x18\x03 \x03(\t\x1a%\n\x06Header\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"S\n\x0cPathModifier\x12\x1b\n\x11replace_full_path\x18\x01 \x01(\tH\x00\x12\x1e\n\x14replace_prefix_match\x18\x02 \x01(\tH\x00\x42\x06\n\x04kind\"O\n\nUrlRewrite\x12\x10\n\x08hostname\x18\x01 \x01(\t\x12/\n\x04path\x18\x02 \x01(\x0b\x32!.agentgate.config.v1.PathModifier\"\x87\x01\n\x0fRequestRedirect\x12\x0e\n\x06scheme\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12/\n\x04path\x18\x03 \x01(\x0b\x32!.agentgate.config.v1.PathModifier\x12\x0c\n\x04port\x18\x04 \x01(\r\x12\x13\n\x0bstatus_code\x18\x05 \x01(\r\"\x80\x01\n\nBackendRef\x12\x0f\n\x07\x62\x61\x63kend\x18\x01 \x01(\t\x12\x0e\n\x06weight\x18\x02 \x01(\r\x12\x31\n\x07\x66ilters\x18\x03 \x03(\x0b\x32 .agentgate.config.v1.RouteFilter\x12\x1e\n\x16\x64irect_response_status\x18\x04 \x01(\r\"o\n\rRouteTimeouts\x12*\n\x07request\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x32\n\x0f\x62\x61\x63kend_request\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\"\xfc\x02\n\x07\x42\x61\x63kend\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x37\n\x08protocol\x18\x02 \x01(\x0e\x32%.agentgate.config.v1.UpstreamProtocol\x12-\n\x03tls\x18\x03 \x01(\x0b\x32 .agentgate.config.v1.UpstreamTls\x12\x31\n\x04pool\x18\x04 \x01(\x0b\x32#.agentgate.config.v1.ConnectionPool\x12\x30\n\x04http\x18\n \x01(\x0b\x32 .agentgate.config.v1.HttpBackendH\x00\x12.\n\x03mcp\x18\x0b \x01(\x0b\x32\x1f.agentgate.config.v1.McpBackendH\x00\x12.\n\x03\x61\x32\x61\x18\x0c \x01(\x0b\x32\x1f.agentgate.config.v1.A2aBackendH\x00\x12.\n\x03llm\x18\r \x01(\x0b\x32\x1f.agentgate.config.v1.LlmBackendH\x00\x42\x06\n\x04kind\"]\n\x0bUpstreamTls\x12\x1b\n\x13\x63\x61_certificates_pem\x18\x01 \x01(\x0c\x12\x13\n\x0bserver_name\x18\x02 \x01(\t\x12\x1c\n\x14insecure_skip_verify\x18\x03 \x01(\x08\"\x8e\x01\n\x0e\x43onnectionPool\x12\x32\n\x0f\x63onnect_timeout\x18\x01 \x01(\x0b\x32\x19.google.protobuf.Duration\x12/\n\x0cidle_timeout\x18\x02 \x01(\x0b\x32\x19.google.protobuf.Duration\x12\x17\n\x0fmax_connections\x18\x03 \x01(\r\"\r\n\x0bHttpBackend\"\x0c\n\nMcpBackend\"\x0c\n\nA2aBackend\"\x0c\n\nLlmBackend\"v\n\x06Target\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0f\n\x07\x62\x61\x63kend\x18\x02 \x01(\t\x12\x0e\n\x06weight\x18\x03 \x01(\r\x12\x35\n\x07\x61\x64\x64ress\x18\n \x01(\x0b\x32\".agentgate.config.v1.SocketAddressH\x00\x42\x06\n\x04kind\"+\n\rSocketAddress\x12\x0c\n\x04host\x18\x01 \x01(\t\x12\x0c\n\x04port\x18\x02 \x01(\r\"S\n\x06Policy\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x35\n\x07targets\x18\x02 \x03(\x0b\x32$.agentgate.config.v1.PolicyTargetRefJ\x04\x08\x03\x10\n\"\xd2\x01\n\x0fPolicyTargetRef\x12\x37\n\x04kind\x18\x01 \x01(\x0e\x32).agentgate.config.v1.PolicyTargetRef.Kind\x12\x0c\n\x04name\x18\x02 \x01(\t\"x\n\x04Kind\x12\x14\n\x10KIND_UNSPECIFIED\x10\x00\x12\x10\n\x0cKIND_GATEWAY\x10\x01\x12\x11\n\rKIND_LISTENER\x10\x02\x12\x0e\n\nKIND_ROUTE\x10\x03\x12\x13\n\x0fKIND_ROUTE_RULE\x10\x04\x12\x10\n\x0cKIND_BACKEND\x10\x05*n\n\x10ListenerProtocol\x12!\n\x1dLISTENER_PROTOCOL_UNSPECIFIED\x10\x00\x12\x1a\n\x16LISTENER_PROTOCOL_HTTP\x10\x01\x12\x1b\n\x17LISTENER_PROTOCOL_HTTPS\x10\x02*n\n\x0fStringMatchKind\x12!\n\x1dSTRING_MATCH_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17STRING_MATCH_KIND_EXACT\x10\x01\x12\x1b\n\x17STRING_MATCH_KIND_REGEX\x10\x02*o\n\x10UpstreamProtocol\x12!\n\x1dUPSTREAM_PROTOCOL_UNSPECIFIED\x10\x00\x12\x1b\n\x17UPSTREAM_PROTOCOL_HTTP1\x10\x01\x12\x1b\n\x17UPSTREAM_PROTOCOL_HTTP2\x10\x02\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentgate.config.v1.resources_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTENERPROTOCOL']._serialized_start=3430
-  _globals['_LISTENERPROTOCOL']._serialized_end=3540
-  _globals['_STRINGMATCHKIND']._serialized_start=3542
-  _globals['_STRINGMATCHKIND']._serialized_end=3652
-  _globals['_UPSTREAMPROTOCOL']._serialized_start=3654
-  _globals['_UPSTREAMPROTOCOL']._serialized_end=3765
+  _globals['_LISTENERPROTOCOL']._serialized_start=3463
+  _globals['_LISTENERPROTOCOL']._serialized_end=3573
+  _globals['_STRINGMATCHKIND']._serialized_start=3575
+  _globals['_STRINGMATCHKIND']._serialized_end=3685
+  _globals['_UPSTREAMPROTOCOL']._serialized_start=3687
+  _globals['_UPSTREAMPROTOCOL']._serialized_end=3798
   _globals['_LISTENER']._serialized_start=93
   _globals['_LISTENER']._serialized_end=285
   _globals['_SERVERTLS']._serialized_start=287
@@ -67,32 +67,32 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_URLREWRITE']._serialized_end=1936
   _globals['_REQUESTREDIRECT']._serialized_start=1939
   _globals['_REQUESTREDIRECT']._serialized_end=2074
-  _globals['_BACKENDREF']._serialized_start=2076
-  _globals['_BACKENDREF']._serialized_end=2172
-  _globals['_ROUTETIMEOUTS']._serialized_start=2174
-  _globals['_ROUTETIMEOUTS']._serialized_end=2285
-  _globals['_BACKEND']._serialized_start=2288
-  _globals['_BACKEND']._serialized_end=2668
-  _globals['_UPSTREAMTLS']._serialized_start=2670
-  _globals['_UPSTREAMTLS']._serialized_end=2763
-  _globals['_CONNECTIONPOOL']._serialized_start=2766
-  _globals['_CONNECTIONPOOL']._serialized_end=2908
-  _globals['_HTTPBACKEND']._serialized_start=2910
-  _globals['_HTTPBACKEND']._serialized_end=2923
-  _globals['_MCPBACKEND']._serialized_start=2925
-  _globals['_MCPBACKEND']._serialized_end=2937
-  _globals['_A2ABACKEND']._serialized_start=2939
-  _globals['_A2ABACKEND']._serialized_end=2951
-  _globals['_LLMBACKEND']._serialized_start=2953
-  _globals['_LLMBACKEND']._serialized_end=2965
-  _globals['_TARGET']._serialized_start=2967
-  _globals['_TARGET']._serialized_end=3085
-  _globals['_SOCKETADDRESS']._serialized_start=3087
-  _globals['_SOCKETADDRESS']._serialized_end=3130
-  _globals['_POLICY']._serialized_start=3132
-  _globals['_POLICY']._serialized_end=3215
-  _globals['_POLICYTARGETREF']._serialized_start=3218
-  _globals['_POLICYTARGETREF']._serialized_end=3428
-  _globals['_POLICYTARGETREF_KIND']._serialized_start=3308
-  _globals['_POLICYTARGETREF_KIND']._serialized_end=3428
+  _globals['_BACKENDREF']._serialized_start=2077
+  _globals['_BACKENDREF']._serialized_end=2205
+  _globals['_ROUTETIMEOUTS']._serialized_start=2207
+  _globals['_ROUTETIMEOUTS']._serialized_end=2318
+  _globals['_BACKEND']._serialized_start=2321
+  _globals['_BACKEND']._serialized_end=2701
+  _globals['_UPSTREAMTLS']._serialized_start=2703
+  _globals['_UPSTREAMTLS']._serialized_end=2796
+  _globals['_CONNECTIONPOOL']._serialized_start=2799
+  _globals['_CONNECTIONPOOL']._serialized_end=2941
+  _globals['_HTTPBACKEND']._serialized_start=2943
+  _globals['_HTTPBACKEND']._serialized_end=2956
+  _globals['_MCPBACKEND']._serialized_start=2958
+  _globals['_MCPBACKEND']._serialized_end=2970
+  _globals['_A2ABACKEND']._serialized_start=2972
+  _globals['_A2ABACKEND']._serialized_end=2984
+  _globals['_LLMBACKEND']._serialized_start=2986
+  _globals['_LLMBACKEND']._serialized_end=2998
+  _globals['_TARGET']._serialized_start=3000
+  _globals['_TARGET']._serialized_end=3118
+  _globals['_SOCKETADDRESS']._serialized_start=3120
+  _globals['_SOCKETADDRESS']._serialized_end=3163
+  _globals['_POLICY']._serialized_start=3165
+  _globals['_POLICY']._serialized_end=3248
+  _globals['_POLICYTARGETREF']._serialized_start=3251
+  _globals['_POLICYTARGETREF']._serialized_end=3461
+  _globals['_POLICYTARGETREF_KIND']._serialized_start=3341
+  _globals['_POLICYTARGETREF_KIND']._serialized_end=3461
 # @@protoc_insertion_point(module_scope)

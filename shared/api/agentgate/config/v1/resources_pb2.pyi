@@ -202,14 +202,16 @@ class RequestRedirect(_message.Message):
     def __init__(self, scheme: _Optional[str] = ..., hostname: _Optional[str] = ..., path: _Optional[_Union[PathModifier, _Mapping]] = ..., port: _Optional[int] = ..., status_code: _Optional[int] = ...) -> None: ...
 
 class BackendRef(_message.Message):
-    __slots__ = ("backend", "weight", "filters")
+    __slots__ = ("backend", "weight", "filters", "direct_response_status")
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     FILTERS_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_RESPONSE_STATUS_FIELD_NUMBER: _ClassVar[int]
     backend: str
     weight: int
     filters: _containers.RepeatedCompositeFieldContainer[RouteFilter]
-    def __init__(self, backend: _Optional[str] = ..., weight: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[RouteFilter, _Mapping]]] = ...) -> None: ...
+    direct_response_status: int
+    def __init__(self, backend: _Optional[str] = ..., weight: _Optional[int] = ..., filters: _Optional[_Iterable[_Union[RouteFilter, _Mapping]]] = ..., direct_response_status: _Optional[int] = ...) -> None: ...
 
 class RouteTimeouts(_message.Message):
     __slots__ = ("request", "backend_request")
