@@ -305,3 +305,26 @@ async def test_closing_or_cancelling_the_watch_stops_the_watcher(tmp_path: Path)
 async def test_watch_of_a_missing_folder_fails_clearly(tmp_path: Path) -> None:
     with pytest.raises(FileNotFoundError, match="does not exist"):
         await anext(FolderSource(tmp_path / "missing").watch())
+
+
+def _publish_like_kubelet(root: Path, version: int, content: str) -> None:
+    """A ConfigMap volume update: a new hidden data folder, then an atomic swap of `..data`."""
+    data = root / f"..2026_11_22_v{version}"
+    data.mkdir()
+    (data / "route.yaml").write_text(content)
+    os.symlink(data.name, root / "..data_tmp")
+    os.replace(root / "..data_tmp", root / "..data")
+    if not (root / "route.yaml").is_symlink():
+        os.symlink("..data/route.yaml", root / "route.yaml")
+
+
+@pytest.mark.anyio
+async def test_watch_sees_a_configmap_volume_update(tmp_path: Path) -> None:
+    _publish_like_kubelet(tmp_path, 1, http_route(path="/v1"))
+    async with aclosing(FolderSource(tmp_path).watch()) as states:
+        with anyio.fail_after(10):
+            first = await anext(states)
+        assert route_path(first) == "/v1" and len(first.objects) == 1, "hidden data folders are not read twice"
+        _publish_like_kubelet(tmp_path, 2, http_route(path="/v2"))
+        updated = await next_state(states, lambda s: WEB in keys(s) and route_path(s) == "/v2")
+        assert updated.errors == ()
