@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import sys
 from collections.abc import Awaitable, Callable
@@ -14,6 +15,10 @@ import anyio
 from shared import logging as shared_logging
 
 DEFAULT_XDS_PORT = 9977
+
+# `agentgate run` forks worker processes that exec at once; gRPC's fork handlers are not
+# needed and only warn. Set before grpc is imported.
+os.environ.setdefault("GRPC_ENABLE_FORK_SUPPORT", "false")
 
 
 def _add_common(parser: argparse.ArgumentParser) -> None:

@@ -171,7 +171,7 @@ async def test_rejected_config_is_nacked_visible_and_old_config_serves(stack: St
         )
         assert result.returncode == 0, result.stderr
         proxies = json.loads(result.stdout)["proxies"]
-        nacks = [t["lastNack"]["message"] for p in proxies for t in p.get("types", []) if t.get("lastNack")]
+        nacks = [t["last_nack"]["message"] for p in proxies for t in p.get("types", []) if t.get("last_nack")]
         assert any(str(busy_port) in message for message in nacks), proxies
         dump = (await client.get(f"http://127.0.0.1:{stack.worker_ports.admin}/config_dump")).json()
         assert str(busy_port) in dump["last_nack"]["Listener"]
