@@ -22,6 +22,7 @@ from anyio.abc import Process
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
 from shared.logging import get_logger
+from shared.signals import stop_on_signal
 
 log = get_logger("embedded")
 
@@ -147,7 +148,7 @@ class EmbeddedGateway:
         stop = anyio.Event()
         self.control_plane.on_reconcile(lambda _report: self._changed.set())
         async with anyio.create_task_group() as tg:
-            tg.start_soon(self._watch_signals, stop)
+            tg.start_soon(stop_on_signal, stop)
             await tg.start(self.control_plane.run)
             async with anyio.create_task_group() as workers:
                 while not stop.is_set():
@@ -162,15 +163,6 @@ class EmbeddedGateway:
                         workers.start_soon(self._stop_slot, slot)
             tg.cancel_scope.cancel()
         log.info("stopped")
-
-    @staticmethod
-    async def _watch_signals(stop: anyio.Event) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal received", signal=signal.Signals(signum).name)
-                stop.set()
-                return
-
 
 async def _set_then_cancel(event: anyio.Event, scope: anyio.CancelScope) -> None:
     await event.wait()

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import sys
 from dataclasses import dataclass
@@ -29,6 +28,7 @@ from shared import logging as shared_logging
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
 from shared.logging import get_logger
 from shared.resources import short_name
+from shared.signals import stop_on_signal
 
 log = get_logger("dataplane.worker")
 
@@ -168,7 +168,7 @@ class Worker:
                     self.admin_ports[name] = await tg.start(server.serve)
             tg.start_soon(self.proxy.run)
             tg.start_soon(self.ads.run)
-            tg.start_soon(self._watch_signals, stop)
+            tg.start_soon(stop_on_signal, stop)
             if settings.stop_on_stdin_close:
                 tg.start_soon(self._watch_stdin, stop)
             log.info("worker started", gateway=settings.gateway, xds=settings.xds, node_id=self.ads.settings.node_id,
@@ -188,10 +188,3 @@ class Worker:
         log.info("parent process gone (stdin closed)")
         stop.set()
 
-    @staticmethod
-    async def _watch_signals(stop: anyio.Event) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("signal received", signal=signal.Signals(signum).name)
-                stop.set()
-                return

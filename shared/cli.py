@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
-import signal
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -13,6 +12,7 @@ from pathlib import Path
 import anyio
 
 from shared import logging as shared_logging
+from shared.signals import stop_on_signal
 
 DEFAULT_XDS_PORT = 9977
 
@@ -39,11 +39,11 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     )
 
     async def main() -> None:
+        stop = anyio.Event()
         async with anyio.create_task_group() as tg:
             await tg.start(ControlPlane(settings).run)
-            with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-                async for _ in signals:
-                    break
+            tg.start_soon(stop_on_signal, stop)
+            await stop.wait()
             tg.cancel_scope.cancel()
 
     _run(main)

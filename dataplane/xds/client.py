@@ -70,11 +70,7 @@ class AdsClient:
             self._metrics.xds_reconnects.inc()
             try:
                 async with grpc.aio.insecure_channel(self.settings.target) as channel:
-                    stub = ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel)
-                    if self.settings.mode == "delta":
-                        await self._run_delta(stub)
-                    else:
-                        await self._run_sotw(stub)
+                    await self._run_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
                 reason = "stream closed by the control plane"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
@@ -119,63 +115,63 @@ class AdsClient:
         if self.on_update is not None:
             self.on_update()
 
-    # --- Delta -------------------------------------------------------------------------
-    async def _run_delta(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        call = stub.DeltaAggregatedResources()
-        for index, type_url in enumerate(TYPE_ORDER):
-            await call.write(
-                discovery_pb2.DeltaDiscoveryRequest(
-                    node=self._node if index == 0 else None,
-                    type_url=type_url,
-                    resource_names_subscribe=["*"],
-                    initial_resource_versions=self.state.initial_versions(type_url),
-                )
-            )
-        while True:
-            response = await call.read()
-            if response is grpc.aio.EOF:
-                return
-            self._mark_connected()
-            try:
-                candidate = self.state.candidate_from_delta(response)
-            except ResponseRejected as exc:
-                error: str | None = str(exc)
-            else:
-                error = await self._apply_candidate(candidate)
-            self._record(response.type_url, response.system_version_info, error)
-            request = discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce)
-            if error is not None:
-                request.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=error))
-            await call.write(request)
+    # --- the stream ----------------------------------------------------------------------
+    # Both flavours share one loop: subscribe to every type, then for each response build
+    # a candidate, apply it, and answer with an ACK or a NACK carrying the error text.
 
-    # --- State of the world ------------------------------------------------------------
-    async def _run_sotw(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
-        call = stub.StreamAggregatedResources()
+    def _subscribe_requests(self) -> list[discovery_pb2.DeltaDiscoveryRequest | discovery_pb2.DiscoveryRequest]:
+        requests: list[discovery_pb2.DeltaDiscoveryRequest | discovery_pb2.DiscoveryRequest] = []
         for index, type_url in enumerate(TYPE_ORDER):
-            await call.write(
-                discovery_pb2.DiscoveryRequest(
-                    node=self._node if index == 0 else None,
-                    type_url=type_url,
-                    version_info=self.state.types[type_url].version,
-                )
-            )
-        while True:
-            response = await call.read()
-            if response is grpc.aio.EOF:
-                return
-            self._mark_connected()
-            try:
-                candidate = self.state.candidate_from_sotw(response)
-            except ResponseRejected as exc:
-                error: str | None = str(exc)
+            node = self._node if index == 0 else None  # the node travels on the first request only
+            if self.settings.mode == "delta":
+                requests.append(discovery_pb2.DeltaDiscoveryRequest(
+                    node=node, type_url=type_url, resource_names_subscribe=["*"],
+                    initial_resource_versions=self.state.initial_versions(type_url),
+                ))
             else:
-                error = await self._apply_candidate(candidate)
-            self._record(response.type_url, response.version_info, error)
+                requests.append(discovery_pb2.DiscoveryRequest(
+                    node=node, type_url=type_url, version_info=self.state.types[type_url].version,
+                ))
+        return requests
+
+    def _candidate(self, response: discovery_pb2.DeltaDiscoveryResponse | discovery_pb2.DiscoveryResponse) -> Candidate:
+        if isinstance(response, discovery_pb2.DeltaDiscoveryResponse):
+            return self.state.candidate_from_delta(response)
+        return self.state.candidate_from_sotw(response)
+
+    def _reply(
+        self, response: discovery_pb2.DeltaDiscoveryResponse | discovery_pb2.DiscoveryResponse, error: str | None
+    ) -> discovery_pb2.DeltaDiscoveryRequest | discovery_pb2.DiscoveryRequest:
+        request: discovery_pb2.DeltaDiscoveryRequest | discovery_pb2.DiscoveryRequest
+        if isinstance(response, discovery_pb2.DeltaDiscoveryResponse):
+            request = discovery_pb2.DeltaDiscoveryRequest(type_url=response.type_url, response_nonce=response.nonce)
+        else:
+            # SotW: version_info is the last version accepted for the type (unchanged on a NACK).
             request = discovery_pb2.DiscoveryRequest(
                 type_url=response.type_url,
                 response_nonce=response.nonce,
                 version_info=self.state.types[response.type_url].version,
             )
-            if error is not None:
-                request.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=error))
+        if error is not None:
+            request.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=error))
+        return request
+
+    async def _run_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+        delta = self.settings.mode == "delta"
+        call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
+        for request in self._subscribe_requests():
             await call.write(request)
+        while True:
+            response = await call.read()
+            if response is grpc.aio.EOF:
+                return
+            self._mark_connected()
+            try:
+                candidate = self._candidate(response)
+            except ResponseRejected as exc:
+                error: str | None = str(exc)
+            else:
+                error = await self._apply_candidate(candidate)
+            version = response.system_version_info if delta else response.version_info
+            self._record(response.type_url, version, error)
+            await call.write(self._reply(response, error))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
@@ -21,26 +22,13 @@ from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.api.agentgate.debug.v1 import debug_pb2, debug_pb2_grpc
 from shared.resources import BACKEND, GATEWAY_METADATA_KEY, ROUTE, unpack
 
-GRPCURL = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "grpcurl"
+GRPCURL = Path(sys.executable).parent / "grpcurl"
 WAIT = 5.0
 GW = "ns/gw"
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("shared_event_loop")]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module", autouse=True)
-async def one_event_loop_per_module() -> AsyncIterator[None]:
-    """Run this module's tests on one event loop (a module-scoped async fixture keeps it open).
-
-    grpc.aio delivers a late completion of an already-ended call to the loop that started
-    it; were that loop closed after its test, the error would surface in the next test.
-    """
-    yield
 
 
 @pytest.fixture

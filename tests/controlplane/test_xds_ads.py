@@ -230,22 +230,9 @@ def delta_names(response: discovery_pb2.DeltaDiscoveryResponse) -> tuple[list[st
     return [r.name for r in response.resources], list(response.removed_resources)
 
 
-pytestmark = pytest.mark.anyio
+pytestmark = [pytest.mark.anyio, pytest.mark.usefixtures("shared_event_loop")]
 
 
-@pytest.fixture(scope="module")
-def anyio_backend() -> str:
-    return "asyncio"
-
-
-@pytest.fixture(scope="module", autouse=True)
-async def one_event_loop_per_module() -> AsyncIterator[None]:
-    """Run this module's tests on one event loop (a module-scoped async fixture keeps it open).
-
-    grpc.aio delivers a late completion of an already-ended call to the loop that started
-    it; were that loop closed after its test, the error would surface in the next test.
-    """
-    yield
 
 
 # --- State of the world ----------------------------------------------------------------
