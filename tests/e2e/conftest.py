@@ -35,6 +35,7 @@ class Stack:
     gateway_port: int
     xds_port: int
     controlplane: LoggedProcess
+    controlplane_metrics_port: int
     worker: LoggedProcess
     worker_ports: WorkerPorts
 
@@ -71,11 +72,12 @@ async def stack(tmp_path: Path, upstreams: tuple[Nginx, Nginx]) -> AsyncIterator
     write_base(folder, gateway_port, blue, green)
     write_documents(folder / "route.yaml", route_yaml("web", "gw", [("blue", 1)]))
     ports = WorkerPorts.free()
-    async with logged_process("controlplane", controlplane_command(folder, xds_port)) as cp:
+    metrics_port = free_port()
+    async with logged_process("controlplane", controlplane_command(folder, xds_port, metrics_port)) as cp:
         await cp.wait_for("control plane serving")
         async with logged_process("worker", dataplane_command(xds_port, "default/gw", ports)) as worker:
             await worker.wait_for("worker ready")
-            yield Stack(folder, blue, green, gateway_port, xds_port, cp, worker, ports)
+            yield Stack(folder, blue, green, gateway_port, xds_port, cp, metrics_port, worker, ports)
 
 
 @pytest.fixture

@@ -15,10 +15,15 @@ import anyio
 import httpx
 import pytest
 
+from tests.conftest import free_port
 from tests.e2e.conftest import Stack
 from tests.e2e.harness import (
+    AGENTGATE,
     GATEWAY_CLASS,
+    WorkerPorts,
     controlplane_command,
+    dataplane_command,
+    event,
     gateway_yaml,
     logged_process,
     route_yaml,
@@ -139,6 +144,8 @@ async def test_broken_config_is_reported_and_last_good_keeps_serving(stack: Stac
     assert "route.yaml" in text and "HTTPRoute default/web" in text and "spec.rules[0].matches[0].path" in text, text
     reply = await client.get(f"{stack.url}/x")
     assert reply.status_code == 200 and reply.headers["x-upstream"] == "blue", "the last good route keeps serving"
+    status = (await client.get(f"http://127.0.0.1:{stack.controlplane_metrics_port}/status")).json()
+    assert any("HTTPRoute default/web" in e for e in status["errors"]), status["errors"]
 
     worker_mark = stack.worker.mark()
     stack.write_route([("green", 1)])
@@ -175,5 +182,39 @@ async def test_rejected_config_is_nacked_visible_and_old_config_serves(stack: St
         assert any(str(busy_port) in message for message in nacks), proxies
         dump = (await client.get(f"http://127.0.0.1:{stack.worker_ports.admin}/config_dump")).json()
         assert str(busy_port) in dump["last_nack"]["Listener"]
+        metrics = (await client.get(f"http://127.0.0.1:{stack.controlplane_metrics_port}/metrics")).text
+        assert 'agentgate_xds_nacks_total{type="Listener"} 1.0' in metrics
+        status = await anyio.run_process([*AGENTGATE, "status", "--xds", f"127.0.0.1:{stack.xds_port}"], check=False)
+        assert status.returncode == 0, status.stderr
+        shown = status.stdout.decode()
+        assert "NACKED" in shown and "NACK Listener" in shown and str(busy_port) in shown, shown
     finally:
         blocker.close()
+
+
+async def test_state_of_the_world_worker_serves_beside_a_delta_worker(stack: Stack, client: httpx.AsyncClient) -> None:
+    ports = WorkerPorts.free()
+    command = dataplane_command(stack.xds_port, "default/gw", ports, mode="sotw", node_id="e2e-sotw")
+    async with logged_process("sotw-worker", command) as sotw:
+        await sotw.wait_for("worker ready")  # it shares the listener port with the Delta worker (SO_REUSEPORT)
+        mark_sotw, mark_delta = sotw.mark(), stack.worker.mark()
+        stack.write_route([("green", 1)])
+        await sotw.wait_for(event("config applied", type="Route"), start=mark_sotw)
+        await stack.worker.wait_for(event("config applied", type="Route"), start=mark_delta)
+        for _ in range(10):
+            reply = await client.get(f"{stack.url}/both", headers={"connection": "close"})
+            assert reply.headers["x-upstream"] == "green"
+        dump = (await client.get(f"http://127.0.0.1:{ports.admin}/config_dump")).json()
+        assert dump["xds"]["mode"] == "sotw" and dump["ready"] is True
+        assert [r["name"] for r in dump["types"]["Route"]["resources"]] == ["default/web/0"]
+
+
+async def test_worker_is_not_ready_before_its_first_config(client: httpx.AsyncClient) -> None:
+    ports = WorkerPorts.free()
+    nothing_there = free_port()
+    async with logged_process("lonely-worker", dataplane_command(nothing_there, "default/gw", ports)) as worker:
+        await worker.wait_for("worker started")
+        await worker.wait_for("xds stream ended")
+        ready = await client.get(f"http://127.0.0.1:{ports.readiness}/healthz/ready")
+        assert ready.status_code == 503
+        assert "not ready: waiting for Backend, Listener, Policy, Route, Target" in ready.text
