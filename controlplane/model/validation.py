@@ -42,6 +42,7 @@ from controlplane.model.objects import (
     SERVICE,
     KubeObject,
 )
+from shared.regex import compile_regex
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
 PATH_MATCH_TYPES = ("Exact", "PathPrefix", "RegularExpression")
@@ -209,8 +210,8 @@ class _Checker:
 
     def regex(self, value: str, path: str) -> None:
         try:
-            re.compile(value)
-        except re.error as exc:
+            compile_regex(value)
+        except ValueError as exc:
             self.error(path, f"invalid regular expression: {exc}")
 
     def header_name(self, value: Any, path: str) -> str | None:

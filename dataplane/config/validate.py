@@ -8,6 +8,8 @@ from google.protobuf.duration_pb2 import Duration
 from google.protobuf.message import Message
 
 from dataplane.config.errors import ErrorReporter
+from shared import regex as shared_regex
+from shared.regex import Regex
 
 # RFC 9110 token characters: what a header field name may contain.
 _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
@@ -42,10 +44,10 @@ def check_hostname(report: ErrorReporter, field: str, hostname: str, *, wildcard
     return True
 
 
-def compile_regex(report: ErrorReporter, field: str, pattern: str) -> re.Pattern[str] | None:
+def compile_regex(report: ErrorReporter, field: str, pattern: str) -> Regex | None:
     try:
-        return re.compile(pattern)
-    except (re.error, RecursionError, OverflowError) as exc:
+        return shared_regex.compile_regex(pattern)
+    except ValueError as exc:
         report(field, f"invalid regular expression: {exc}")
         return None
 

@@ -12,7 +12,6 @@ the `RouteMatch` it returns was built at compile time.
 from __future__ import annotations
 
 import random
-import re
 from bisect import bisect_right
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from urllib.parse import unquote_plus
 
 from dataplane.config.model import UpstreamCluster
 from dataplane.routing.filters import CompiledRedirect, CompiledUrlRewrite, HeaderOps
+from shared.regex import Regex
 
 PathKind = Literal["exact", "prefix", "regex"]
 
@@ -87,7 +87,7 @@ class StringCondition(NamedTuple):
 
     name: str
     value: str
-    regex: re.Pattern[str] | None = None
+    regex: Regex | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,7 +96,7 @@ class CompiledMatch:
 
     path_kind: PathKind = "prefix"
     path: str = "/"
-    path_regex: re.Pattern[str] | None = None
+    path_regex: Regex | None = None
     method: str | None = None
     headers: tuple[StringCondition, ...] = ()
     query_params: tuple[StringCondition, ...] = ()
