@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import anyio
 import httpx
@@ -12,9 +13,9 @@ from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from tests.conftest import free_port
 from tests.dataplane.peers.config import backend, compile_resources, listener, route, simple_config, target
 from tests.dataplane.peers.h1 import H1Exchange, H1Peer
-from tests.dataplane.peers.nginx import run_nginx
 from tests.dataplane.peers.proxy import running_proxy
 from tests.dataplane.peers.raw import read_response
+from tests.peers.nginx import nginx
 
 pytestmark = pytest.mark.anyio
 
@@ -49,9 +50,10 @@ def _complete(data: bytes) -> bool:
 # --- forwarding -----------------------------------------------------------------------------------
 
 
-async def test_requests_reach_nginx_and_reuse_one_upstream_connection() -> None:
-    upstream, port = free_port(), free_port()
-    with run_nginx(upstream):
+async def test_requests_reach_nginx_and_reuse_one_upstream_connection(tmp_path: Path) -> None:
+    port = free_port()
+    async with nginx(tmp_path) as upstream_server:
+        upstream = upstream_server.h1_port
         async with running_proxy(simple_config(port, upstream)) as server:
             async with httpx.AsyncClient() as client:
                 responses = [await client.get(f"http://127.0.0.1:{port}/hello") for _ in range(5)]
@@ -61,9 +63,10 @@ async def test_requests_reach_nginx_and_reuse_one_upstream_connection() -> None:
             assert server.in_flight == 0
 
 
-async def test_head_request_keeps_content_length_without_body() -> None:
-    upstream, port = free_port(), free_port()
-    with run_nginx(upstream):
+async def test_head_request_keeps_content_length_without_body(tmp_path: Path) -> None:
+    port = free_port()
+    async with nginx(tmp_path) as upstream_server:
+        upstream = upstream_server.h1_port
         async with running_proxy(simple_config(port, upstream)), httpx.AsyncClient() as client:
             head = await client.head(f"http://127.0.0.1:{port}/x")
             after = await client.get(f"http://127.0.0.1:{port}/x")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import subprocess
+from pathlib import Path
 
 import anyio
 import h2.config
@@ -20,9 +21,9 @@ from tests.dataplane.peers import tls
 from tests.dataplane.peers.config import backend, compile_resources, listener, route, simple_config, target
 from tests.dataplane.peers.h1 import H1Exchange, H1Peer
 from tests.dataplane.peers.h2peer import H2Exchange, H2Peer
-from tests.dataplane.peers.nginx import run_nginx
 from tests.dataplane.peers.proxy import running_proxy
 from tests.dataplane.peers.raw import read_until_closed
+from tests.peers.nginx import nginx
 
 pytestmark = pytest.mark.anyio
 
@@ -32,9 +33,10 @@ def h2_client(**options: object) -> httpx.AsyncClient:
     return httpx.AsyncClient(http1=False, http2=True, **options)  # type: ignore[arg-type]
 
 
-async def test_prior_knowledge_client_multiplexes_requests_to_nginx() -> None:
-    upstream, port = free_port(), free_port()
-    with run_nginx(upstream):
+async def test_prior_knowledge_client_multiplexes_requests_to_nginx(tmp_path: Path) -> None:
+    port = free_port()
+    async with nginx(tmp_path) as upstream_server:
+        upstream = upstream_server.h1_port
         async with running_proxy(simple_config(port, upstream)), h2_client() as client:
             responses: list[httpx.Response] = []
 

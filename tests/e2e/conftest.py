@@ -14,17 +14,16 @@ from tests.conftest import free_port
 from tests.e2e.harness import (
     GATEWAY_CLASS,
     LoggedProcess,
-    Nginx,
     WorkerPorts,
     backend_yaml,
     controlplane_command,
     dataplane_command,
     gateway_yaml,
     logged_process,
-    nginx,
     route_yaml,
     write_documents,
 )
+from tests.peers.nginx import Nginx, nginx
 
 
 @dataclass
@@ -57,9 +56,13 @@ def write_base(folder: Path, gateway_port: int, blue: Nginx, green: Nginx) -> No
     )
 
 
+# Each upstream answers with its name, the request line and the X-Forwarded-For it received.
 @pytest.fixture
 async def upstreams(tmp_path: Path) -> AsyncIterator[tuple[Nginx, Nginx]]:
-    async with nginx(tmp_path, "blue") as blue, nginx(tmp_path, "green") as green:
+    async with (
+        nginx(tmp_path, "blue", body="blue $request_method $uri $http_x_forwarded_for\\n") as blue,
+        nginx(tmp_path, "green", body="green $request_method $uri $http_x_forwarded_for\\n") as green,
+    ):
         yield blue, green
 
 

@@ -12,7 +12,8 @@ import pytest
 
 from tests.conftest import free_port
 from tests.e2e.conftest import write_base
-from tests.e2e.harness import AGENTGATE, Nginx, event, logged_process, route_yaml, write_documents
+from tests.e2e.harness import AGENTGATE, event, logged_process, route_yaml, write_documents
+from tests.peers.nginx import Nginx
 
 pytestmark = pytest.mark.anyio
 
