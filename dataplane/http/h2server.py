@@ -19,11 +19,11 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.settings
 from anyio.abc import TaskGroup
 from hyperframe.frame import GoAwayFrame
 
 from dataplane.http.errors import ClientGone
+from dataplane.http.h2setup import start_connection
 from dataplane.http.limits import ProxyLimits
 from dataplane.http.messages import Headers, ProxyRequest
 from dataplane.http.proxy import ProxyHandler, send_error
@@ -186,19 +186,14 @@ class Http2Connection:
     async def serve(self, initial: bytes = b"") -> None:
         limits = self._limits
         conn = self._h2
-        conn.local_settings = h2.settings.Settings(
+        start_connection(
+            conn,
             client=False,
-            initial_values={
-                h2.settings.SettingCodes.MAX_CONCURRENT_STREAMS: limits.h2_max_concurrent_streams,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_stream_window,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_request_head_bytes,
-            },
+            stream_window=limits.h2_stream_window,
+            connection_window=limits.h2_connection_window,
+            max_header_list_size=limits.max_request_head_bytes,
+            max_concurrent_streams=limits.h2_max_concurrent_streams,
         )
-        conn.decoder.max_header_list_size = limits.max_request_head_bytes
-        conn.initiate_connection()
-        extra = limits.h2_connection_window - 65535
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
         self._flush()
         loop = asyncio.get_running_loop()
         stream = self.stream

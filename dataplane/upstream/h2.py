@@ -18,10 +18,10 @@ import h2.connection
 import h2.errors
 import h2.events
 import h2.exceptions
-import h2.settings
 
 from dataplane.http.errors import ProxyError, RetryableUpstreamError, UpstreamProtocolError, UpstreamReset
 from dataplane.http.h1codec import ResponseHead
+from dataplane.http.h2setup import start_connection
 from dataplane.http.limits import ProxyLimits
 from dataplane.upstream.exchange import Headers, UpstreamRequest
 
@@ -220,19 +220,13 @@ class Http2Upstream(asyncio.Protocol):
         self._transport = cast(asyncio.Transport, transport)
         limits = self._limits
         conn = self._h2
-        conn.local_settings = h2.settings.Settings(
+        start_connection(
+            conn,
             client=True,
-            initial_values={
-                h2.settings.SettingCodes.ENABLE_PUSH: 0,
-                h2.settings.SettingCodes.INITIAL_WINDOW_SIZE: limits.h2_stream_window,
-                h2.settings.SettingCodes.MAX_HEADER_LIST_SIZE: limits.max_response_head_bytes,
-            },
+            stream_window=limits.h2_stream_window,
+            connection_window=limits.h2_connection_window,
+            max_header_list_size=limits.max_response_head_bytes,
         )
-        conn.decoder.max_header_list_size = limits.max_response_head_bytes
-        conn.initiate_connection()
-        extra = limits.h2_connection_window - 65535
-        if extra > 0:
-            conn.increment_flow_control_window(extra)
         self._flush()
 
     def data_received(self, data: bytes) -> None:
