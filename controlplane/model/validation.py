@@ -76,8 +76,15 @@ SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 UPSTREAM_PROTOCOLS = ("HTTP1", "HTTP2")
 # Backend variants: exactly one key of spec names the kind of upstream. Later issues add
-# "mcp", "a2a" and "llm" here, each with its own checker below.
-BACKEND_VARIANTS = ("static",)
+# "a2a" and "llm" here, each with its own checker below.
+BACKEND_VARIANTS = ("static", "mcp")
+MCP_PREFIX_MODES = ("Conditional", "Always", "Never")
+MCP_FAILURE_MODES = ("FailClosed", "FailOpen")
+MCP_TARGET_PROTOCOLS = ("StreamableHTTP", "SSE")
+# MCP target names become name prefixes: letters, digits, '_' and '-' (see resources.proto McpServer).
+MCP_TARGET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
+MCP_MAX_TARGETS = 64
+MCP_MAX_BODY_BYTES = 1 << 30
 
 
 def validate(obj: KubeObject) -> list[ConfigError]:
@@ -620,6 +627,8 @@ def _backend(c: _Checker, obj: KubeObject) -> None:
     tls = c.mapping(spec.get("tls"), "spec.tls")
     if tls is not None:
         _upstream_tls(c, tls, "spec.tls")
+        if "mcp" in spec:
+            c.error("spec.tls", "not used by MCP backends: set it per target (spec.mcp.targets[].static.tls)")
     c.duration(spec.get("connectTimeout"), "spec.connectTimeout")
     c.duration(spec.get("idleTimeout"), "spec.idleTimeout")
     c.integer(spec.get("maxConnections"), "spec.maxConnections", minimum=0, maximum=1_000_000)
@@ -671,8 +680,126 @@ def _upstream_tls(c: _Checker, tls: Mapping[str, Any], path: str) -> None:
         c.error(f"{path}.insecureSkipVerify", "cannot be combined with CA certificates")
 
 
+_MCP_FIELDS = (
+    "targets",
+    "prefixMode",
+    "failureMode",
+    "sessionKeyRef",
+    "previousSessionKeyRefs",
+    "maxBodyBytes",
+    "sessionIdleTimeout",
+)
+
+
+def _mcp_backend(c: _Checker, value: Any, path: str) -> None:
+    mcp = c.mapping(value, path, required=True)
+    if mcp is None:
+        return
+    c.unknown_keys(mcp, path, _MCP_FIELDS)
+    names: dict[str, str] = {}
+    targets = c.mappings(mcp.get("targets"), f"{path}.targets", required=True, max_items=MCP_MAX_TARGETS)
+    for target_path, target in targets:
+        name = _mcp_target(c, target, target_path)
+        if name is not None:
+            if name in names:
+                c.error(f"{target_path}.name", f"target name {name!r} is already used by {names[name]}")
+            names.setdefault(name, target_path)
+    c.string(mcp.get("prefixMode"), f"{path}.prefixMode", enum=MCP_PREFIX_MODES)
+    c.string(mcp.get("failureMode"), f"{path}.failureMode", enum=MCP_FAILURE_MODES)
+    # No default key: a key everyone knows would let anyone forge session ids (see protos/README.md).
+    key_ref = c.mapping(mcp.get("sessionKeyRef"), f"{path}.sessionKeyRef", required=True)
+    if key_ref is not None:
+        _session_key_ref(c, key_ref, f"{path}.sessionKeyRef")
+    for ref_path, ref in c.mappings(mcp.get("previousSessionKeyRefs"), f"{path}.previousSessionKeyRefs", max_items=8):
+        _session_key_ref(c, ref, ref_path)
+    c.integer(mcp.get("maxBodyBytes"), f"{path}.maxBodyBytes", minimum=1, maximum=MCP_MAX_BODY_BYTES)
+    idle = c.duration(mcp.get("sessionIdleTimeout"), f"{path}.sessionIdleTimeout")
+    if idle is not None and idle.total_seconds() <= 0:
+        c.error(f"{path}.sessionIdleTimeout", "must be greater than zero")
+
+
+def _mcp_target(c: _Checker, target: Mapping[str, Any], path: str) -> str | None:
+    """Checks one entry of spec.mcp.targets; returns its name when valid."""
+    c.unknown_keys(target, path, ("name", "static", "stdio", "protocol"))
+    name = c.string(target.get("name"), f"{path}.name", required=True, max_length=64)
+    if name is not None and not MCP_TARGET_NAME.fullmatch(name):
+        c.error(f"{path}.name", f"invalid target name {name!r}: use 1 to 64 letters, digits, '_' or '-'")
+        name = None
+    kinds = [kind for kind in ("static", "stdio") if kind in target]
+    if len(kinds) != 1:
+        c.error(path, "only one of static, stdio may be set" if kinds else "exactly one of static, stdio is required")
+        return name
+    if kinds[0] == "static":
+        c.string(target.get("protocol"), f"{path}.protocol", enum=MCP_TARGET_PROTOCOLS)
+        static = c.mapping(target.get("static"), f"{path}.static", required=True)
+        if static is not None:
+            _mcp_static(c, static, f"{path}.static")
+    else:
+        if "protocol" in target:
+            c.error(f"{path}.protocol", "only applies to static targets")
+        stdio = c.mapping(target.get("stdio"), f"{path}.stdio", required=True)
+        if stdio is not None:
+            _mcp_stdio(c, stdio, f"{path}.stdio")
+    return name
+
+
+def _mcp_static(c: _Checker, static: Mapping[str, Any], path: str) -> None:
+    c.unknown_keys(static, path, ("host", "port", "path", "tls", "headers"))
+    _static_host(c, static, path)
+    target_path = c.string(static.get("path"), f"{path}.path", min_length=1, max_length=1024)
+    if target_path is not None:
+        problem = _path_problem(target_path)
+        if problem is not None:
+            c.error(f"{path}.path", problem)
+    tls = c.mapping(static.get("tls"), f"{path}.tls")
+    if tls is not None:
+        _upstream_tls(c, tls, f"{path}.tls")
+    names: set[str] = set()
+    for header_path, header in c.mappings(static.get("headers"), f"{path}.headers", max_items=32):
+        c.unknown_keys(header, header_path, ("name", "value"))
+        name = c.header_name(header.get("name"), f"{header_path}.name")
+        if name is not None:
+            if name.lower() in names:
+                c.error(f"{header_path}.name", f"header {name!r} appears twice")
+            names.add(name.lower())
+        value = c.string(header.get("value"), f"{header_path}.value", required=True, max_length=4096)
+        if value is not None and (not value.isascii() or any(ch in value for ch in "\r\n\0")):
+            c.error(f"{header_path}.value", "must be ASCII without CR, LF or NUL")
+
+
+def _mcp_stdio(c: _Checker, stdio: Mapping[str, Any], path: str) -> None:
+    c.unknown_keys(stdio, path, ("command", "args", "env", "workingDir"))
+    command = c.string(stdio.get("command"), f"{path}.command", required=True, min_length=1, max_length=4096)
+    if command is not None and "\0" in command:
+        c.error(f"{path}.command", "must not contain NUL")
+    for index, arg in enumerate(c.items(stdio.get("args"), f"{path}.args", max_items=256)):
+        text = c.string(arg, f"{path}.args[{index}]", required=True, max_length=32768)
+        if text is not None and "\0" in text:
+            c.error(f"{path}.args[{index}]", "must not contain NUL")
+    env = c.mapping(stdio.get("env"), f"{path}.env")
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not _ENV_NAME.fullmatch(key):
+            c.error(f"{path}.env", f"invalid variable name {key!r} (letters, digits, '_'; not starting with a digit)")
+            continue
+        text = c.string(value, f"{path}.env.{key}", required=True, max_length=32768)
+        if text is not None and "\0" in text:
+            c.error(f"{path}.env.{key}", "must not contain NUL")
+    working_dir = c.string(stdio.get("workingDir"), f"{path}.workingDir", min_length=1, max_length=4096)
+    if working_dir is not None and not working_dir.startswith("/"):
+        c.error(f"{path}.workingDir", "must be an absolute path")
+
+
+def _session_key_ref(c: _Checker, ref: Mapping[str, Any], path: str) -> None:
+    c.unknown_keys(ref, path, ("name", "key"))
+    c.string(ref.get("name"), f"{path}.name", required=True, pattern=DNS_SUBDOMAIN, max_length=253)
+    c.string(ref.get("key"), f"{path}.key", required=True, pattern=DATA_KEY, max_length=253)
+
+
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+
 _BACKEND_VARIANT_CHECKS: Mapping[str, Callable[[_Checker, Any, str], None]] = {
     "static": _static_backend,
+    "mcp": _mcp_backend,
 }
 
 _KIND_CHECKS: Mapping[str, Callable[[_Checker, KubeObject], None]] = {

@@ -34,9 +34,11 @@ from controlplane.translate.conditions import (
     REASON_INVALID_CA_CERTIFICATE_REF,
     REASON_INVALID_KIND,
     REASON_REF_NOT_PERMITTED,
+    RefProblem,
     condition,
 )
 from controlplane.translate.index import ObjectIndex, describe_errors
+from controlplane.translate.mcp import SERVICE_APP_PROTOCOL, mcp_backend, service_mcp_backend
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 
 # Service appProtocol values (GEP-1911) that select HTTP/2 with prior knowledge.
@@ -49,14 +51,6 @@ class ResolvedBackend:
     key: str
     backend: pb.Backend
     targets: tuple[pb.Target, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class RefProblem:
-    """Why a backendRef cannot be used, as a ResolvedRefs reason and message."""
-
-    reason: str
-    message: str
 
 
 def duration_message(value: timedelta) -> Duration:
@@ -148,12 +142,17 @@ class BackendResolver:
             return RefProblem(REASON_BACKEND_NOT_FOUND, message)
         app_protocol = (entry or {}).get("appProtocol", "")
         key = f"{namespace}/{name}:{port}"
+        host = service.spec.get("externalName") or f"{name}.{namespace}.svc.cluster.local"
+        if app_protocol == SERVICE_APP_PROTOCOL:
+            built = service_mcp_backend(self._index, service, key, host, port)
+            if isinstance(built, RefProblem):
+                return built
+            return ResolvedBackend(key, *built)
         backend = pb.Backend(
             name=key,
             protocol=pb.UPSTREAM_PROTOCOL_HTTP2 if app_protocol in _H2C_APP_PROTOCOLS else pb.UPSTREAM_PROTOCOL_HTTP1,
             http=pb.HttpBackend(),
         )
-        host = service.spec.get("externalName") or f"{name}.{namespace}.svc.cluster.local"
         target = pb.Target(
             name=target_name(key, host, port), backend=key, weight=1, address=pb.SocketAddress(host=host, port=port)
         )
@@ -182,10 +181,17 @@ class BackendResolver:
         if not pool.ListFields():
             backend.ClearField("pool")
         variant = next(name for name in BACKEND_VARIANTS if name in spec)
+        if variant == "mcp":
+            built = mcp_backend(obj, self._index, backend, self._upstream_tls)
+            if isinstance(built, RefProblem):
+                return built
+            return ResolvedBackend(key, backend, built)
         targets = _VARIANT_BUILDERS[variant](key, spec[variant], backend)
         return ResolvedBackend(key, backend, targets)
 
-    def _upstream_tls(self, obj: KubeObject, tls: Mapping[str, Any], out: pb.UpstreamTls) -> RefProblem | None:
+    def _upstream_tls(
+        self, obj: KubeObject, tls: Mapping[str, Any], out: pb.UpstreamTls, path: str = "spec.tls"
+    ) -> RefProblem | None:
         out.SetInParent()  # present, even empty, means "TLS with the system trust store"
         out.server_name = tls.get("sni", "")
         out.insecure_skip_verify = bool(tls.get("insecureSkipVerify", False))
@@ -196,7 +202,7 @@ class BackendResolver:
             kind, name = ref.get("kind", CONFIG_MAP), ref["name"]
             data_key = ref.get("key", _DEFAULT_CA_KEY)
             holder = self._index.get(kind, obj.namespace, name)
-            where = f"spec.tls.caCertificateRefs[{index}]"
+            where = f"{path}.caCertificateRefs[{index}]"
             if holder is None:
                 return RefProblem(
                     REASON_INVALID_CA_CERTIFICATE_REF, f"{where}: {self._index.problem(kind, obj.namespace, name)}"
@@ -229,8 +235,9 @@ def _static_targets(key: str, static: Mapping[str, Any], backend: pb.Backend) ->
     )
 
 
-# One builder per Backend variant (see model.validation.BACKEND_VARIANTS): it sets the
-# Backend's kind and returns its Targets. "mcp", "a2a" and "llm" arrive here later.
+# One builder per Backend variant (see model.validation.BACKEND_VARIANTS) that needs no other
+# objects: it sets the Backend's kind and returns its Targets. "mcp" resolves Secrets, so the
+# resolver builds it (translate.mcp); "a2a" and "llm" arrive later.
 _VARIANT_BUILDERS: Mapping[str, Callable[[str, Any, pb.Backend], tuple[pb.Target, ...]]] = {
     "static": _static_targets,
 }

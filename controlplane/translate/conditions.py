@@ -7,6 +7,7 @@ the old time when type, status and reason are unchanged).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 ACCEPTED = "Accepted"
@@ -36,6 +37,15 @@ REASON_UNSUPPORTED_VALUE = "UnsupportedValue"
 REASON_BACKEND_NOT_FOUND = "BackendNotFound"
 REASON_INVALID_KIND = "InvalidKind"
 REASON_INVALID_CA_CERTIFICATE_REF = "InvalidCACertificateRef"
+REASON_INVALID_SESSION_KEY_REF = "InvalidSessionKeyRef"
+
+
+@dataclass(frozen=True, slots=True)
+class RefProblem:
+    """Why a backendRef cannot be used, as a ResolvedRefs reason and message."""
+
+    reason: str
+    message: str
 
 
 def condition(kind: str, ok: bool, reason: str, message: str, generation: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from typing import TypeVar
 from google.protobuf.message import Message
 
 from dataplane.config.errors import ConfigRejected, ErrorList, ErrorReporter, ResourceError
+from dataplane.config.mcp import compile_mcp_settings
 from dataplane.config.model import (
     DEFAULT_ALPN_PROTOCOLS,
     DEFAULT_CONNECT_TIMEOUT,
@@ -32,7 +33,13 @@ from dataplane.config.model import (
 )
 from dataplane.config.routes import compile_route
 from dataplane.config.tls import client_context, server_context, sni_selector
-from dataplane.config.validate import MAX_WEIGHT_TOTAL, check_enum, check_hostname, duration_seconds
+from dataplane.config.validate import (
+    MAX_WEIGHT_TOTAL,
+    check_enum,
+    check_hostname,
+    duration_seconds,
+    is_valid_host,
+)
 from dataplane.routing.match import RouteRule, RouteTable
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.resources import BACKEND, LISTENER, ROUTE, TARGET, ResourceMap
@@ -105,14 +112,31 @@ def _check_name(report: ErrorReporter, name: str, declared: str) -> None:
 def _compile_backends(
     errors: ErrorList, backends: Mapping[str, Message], targets: Mapping[str, Message]
 ) -> dict[str, UpstreamCluster]:
+    kinds = {name: b.WhichOneof("kind") for name, b in backends.items() if isinstance(b, pb.Backend)}
     targets_of: dict[str, list[UpstreamTarget]] = {}
+    # MCP servers compile with their backend, which decides their TLS (ALPN) and checks names.
+    mcp_targets_of: dict[str, list[tuple[str, pb.Target]]] = {}
     for name, message in sorted(targets.items()):
         target = _expect(errors, TARGET, name, message, pb.Target)
         if target is None:
             continue
-        compiled = _compile_target(errors.reporter(TARGET, name), name, target)
+        report = errors.reporter(TARGET, name)
         # A target whose backend is unknown is ignored: its backend may be on its way or gone.
-        if compiled is not None and target.backend in backends:
+        known = target.backend in backends
+        if target.WhichOneof("kind") == "mcp":
+            _check_name(report, name, target.name)
+            if not target.backend:
+                report("backend", "a parent backend is required")
+            elif known and kinds.get(target.backend) != "mcp":
+                report("mcp", f"backend {target.backend} is not an MCP backend")
+            elif known:
+                mcp_targets_of.setdefault(target.backend, []).append((name, target))
+            continue
+        if known and kinds.get(target.backend) == "mcp":
+            report(target.WhichOneof("kind") or "kind", f"backend {target.backend} is MCP: its targets must be mcp")
+            continue
+        compiled = _compile_target(report, name, target)
+        if compiled is not None and known:
             targets_of.setdefault(target.backend, []).append(compiled)
     contexts: dict[tuple[bytes, bool, str], ssl.SSLContext | None] = {}
     clusters: dict[str, UpstreamCluster] = {}
@@ -120,10 +144,72 @@ def _compile_backends(
         backend = _expect(errors, BACKEND, name, message, pb.Backend)
         if backend is None:
             continue
-        cluster = _compile_backend(errors.reporter(BACKEND, name), name, backend, targets_of.get(name, []), contexts)
+        report = errors.reporter(BACKEND, name)
+        if kinds.get(name) == "mcp":
+            cluster = _compile_mcp_backend(errors, report, name, backend, mcp_targets_of.get(name, []), contexts)
+        else:
+            cluster = _compile_backend(report, name, backend, targets_of.get(name, []), contexts)
         if cluster is not None:
             clusters[name] = cluster
     return clusters
+
+
+def _compile_mcp_backend(
+    errors: ErrorList,
+    report: ErrorReporter,
+    name: str,
+    backend: pb.Backend,
+    targets: list[tuple[str, pb.Target]],
+    contexts: dict[tuple[bytes, bool, str], ssl.SSLContext | None],
+) -> UpstreamCluster | None:
+    """An MCP backend: its servers live in `cluster.mcp`; the HTTP proxy does not serve it yet."""
+    _check_name(report, name, backend.name)
+    protocol: UpstreamProtocolName = "http1"
+    if check_enum(report, "protocol", backend, "protocol"):
+        protocol = _UPSTREAM_PROTOCOLS[backend.protocol]
+
+    def context_for(target_report: ErrorReporter, field: str, tls: pb.UpstreamTls) -> ssl.SSLContext | None:
+        return _client_context(target_report, field, tls, protocol, contexts)
+
+    settings = compile_mcp_settings(
+        report, name, backend, targets, lambda target: errors.reporter(TARGET, target), context_for
+    )
+    pool = backend.pool
+    connect_timeout = duration_seconds(report, "pool.connect_timeout", pool, "connect_timeout")
+    idle_timeout = duration_seconds(report, "pool.idle_timeout", pool, "idle_timeout")
+    if settings is None:
+        return None
+    return UpstreamCluster(
+        name=name,
+        protocol=protocol,
+        connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+        idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
+        max_connections=pool.max_connections or DEFAULT_MAX_CONNECTIONS,
+        kind="mcp",
+        mcp=settings,
+    )
+
+
+def _client_context(
+    report: ErrorReporter,
+    field: str,
+    tls: pb.UpstreamTls,
+    protocol: UpstreamProtocolName,
+    contexts: dict[tuple[bytes, bool, str], ssl.SSLContext | None],
+) -> ssl.SSLContext | None:
+    """One client context per distinct setting: loading the system store is not free."""
+    key = (tls.ca_certificates_pem, tls.insecure_skip_verify, protocol)
+    if key not in contexts:
+        contexts[key] = client_context(
+            report,
+            field,
+            tls.ca_certificates_pem,
+            insecure_skip_verify=tls.insecure_skip_verify,
+            alpn=_UPSTREAM_ALPN[protocol],
+        )
+    elif contexts[key] is None:
+        report(field, "cannot load the CA certificates (see the other resource using them)")
+    return contexts[key]
 
 
 def _compile_target(report: ErrorReporter, name: str, target: pb.Target) -> UpstreamTarget | None:
@@ -131,7 +217,7 @@ def _compile_target(report: ErrorReporter, name: str, target: pb.Target) -> Upst
     if not target.backend:
         report("backend", "a parent backend is required")
     if target.WhichOneof("kind") != "address":
-        report("address", "required (no other target kind is supported yet)")
+        report("address", "required (or mcp, for a target of an MCP backend)")
         return None
     host, port = target.address.host, target.address.port
     ok = bool(target.backend)
@@ -164,17 +250,7 @@ def _compile_backend(
         server_name = tls.server_name or None
         if server_name is not None and not _valid_host(server_name):
             report("tls.server_name", f"invalid server name {server_name!r}")
-        # One context per distinct setting: loading the system store is not free.
-        key = (tls.ca_certificates_pem, tls.insecure_skip_verify, protocol)
-        if key not in contexts:
-            contexts[key] = client_context(
-                report,
-                "tls",
-                tls.ca_certificates_pem,
-                insecure_skip_verify=tls.insecure_skip_verify,
-                alpn=_UPSTREAM_ALPN[protocol],
-            )
-        ssl_context = contexts[key]
+        ssl_context = _client_context(report, "tls", tls, protocol, contexts)
         if ssl_context is None:
             return None
     pool = backend.pool
@@ -196,12 +272,7 @@ def _compile_backend(
     )
 
 
-def _valid_host(host: str) -> bool:
-    try:
-        ipaddress.ip_address(host)
-    except ValueError:
-        return bool(host) and check_hostname(lambda _field, _message: None, "", host, wildcard=False)
-    return True
+_valid_host = is_valid_host
 
 
 # --- listeners ---------------------------------------------------------------------------

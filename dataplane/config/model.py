@@ -52,6 +52,106 @@ class UpstreamTarget:
             object.__setattr__(self, "authority", format_authority(self.host, self.port))
 
 
+# --- MCP --------------------------------------------------------------------------------------
+
+McpPrefixMode = Literal["conditional", "always", "never"]
+McpFailureMode = Literal["fail_closed", "fail_open"]
+
+DEFAULT_MCP_MAX_BODY_BYTES = 4 * 1024 * 1024
+DEFAULT_MCP_SESSION_IDLE_TIMEOUT = 1800.0
+MCP_SESSION_KEY_BYTES = 32
+
+
+@dataclass(frozen=True, slots=True)
+class McpSessionKey:
+    """One AES-256-GCM key of a keyring; `key_id` travels in session ids to pick it back."""
+
+    key_id: str
+    # Kept out of repr so a log line or config dump never shows the key.
+    key: bytes = field(repr=False)
+
+
+@dataclass(frozen=True, slots=True)
+class McpHttpTarget:
+    """An MCP server reached over HTTP; the subclass says which transport.
+
+    `ssl_context` is None for cleartext; `headers` (lowercase names) go with every request.
+    """
+
+    name: str
+    host: str
+    port: int
+    path: str
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    # SNI and verification name; None means `host`.
+    server_name: str | None = None
+    headers: tuple[tuple[str, str], ...] = ()
+    authority: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.authority:
+            object.__setattr__(self, "authority", format_authority(self.host, self.port))
+
+
+@dataclass(frozen=True, slots=True)
+class McpStreamableHttpTarget(McpHttpTarget):
+    """Streamable HTTP: one endpoint (`path`) for POST, GET and DELETE."""
+
+
+@dataclass(frozen=True, slots=True)
+class McpSseTarget(McpHttpTarget):
+    """Legacy HTTP+SSE (2024-11-05): GET `path` for the stream, POST where its endpoint event says."""
+
+
+@dataclass(frozen=True, slots=True)
+class McpStdioTarget:
+    """A local process speaking newline-delimited JSON-RPC on stdin/stdout.
+
+    `env` is set over the environment the process inherits; `working_dir` None means the proxy's.
+    """
+
+    name: str
+    command: str
+    args: tuple[str, ...] = ()
+    env: tuple[tuple[str, str], ...] = ()
+    working_dir: str | None = None
+
+
+McpTarget = McpStreamableHttpTarget | McpSseTarget | McpStdioTarget
+
+
+@dataclass(frozen=True, slots=True)
+class McpBackendSettings:
+    """An MCP backend as the federation layer reads it: modes, limits, keyring and typed targets.
+
+    Targets are in a stable order (by resource name). `prefix_names` is the prefix decision
+    already made for this target count, so the request path does not re-derive it.
+    """
+
+    prefix_mode: McpPrefixMode = "conditional"
+    failure_mode: McpFailureMode = "fail_closed"
+    max_body_bytes: int = DEFAULT_MCP_MAX_BODY_BYTES
+    session_idle_timeout: float = DEFAULT_MCP_SESSION_IDLE_TIMEOUT
+    # The first key encrypts new session ids; every key decrypts.
+    session_keys: tuple[McpSessionKey, ...] = ()
+    targets: tuple[McpTarget, ...] = ()
+    prefix_names: bool = field(init=False)
+    _by_name: Mapping[str, McpTarget] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        prefix = self.prefix_mode == "always" or (self.prefix_mode == "conditional" and len(self.targets) > 1)
+        object.__setattr__(self, "prefix_names", prefix)
+        object.__setattr__(self, "_by_name", MappingProxyType({target.name: target for target in self.targets}))
+
+    def target(self, name: str) -> McpTarget | None:
+        """The target of that (unprefixed) server name, or None."""
+        return self._by_name.get(name)
+
+    def session_key(self, key_id: str) -> McpSessionKey | None:
+        """The keyring entry a session id names, or None (an id from a retired key)."""
+        return next((key for key in self.session_keys if key.key_id == key_id), None)
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamCluster:
     """A backend with its endpoints and the client settings to reach them."""
@@ -68,6 +168,8 @@ class UpstreamCluster:
     targets: tuple[UpstreamTarget, ...] = ()
     # Which protocol handler serves it: "http", "mcp", "a2a" or "llm".
     kind: str = "http"
+    # Set when kind is "mcp" (its servers are there; `targets` is then empty).
+    mcp: McpBackendSettings | None = None
     # Cumulative target weights, so a pick is one random draw and one bisect.
     _cumulative: tuple[int, ...] = field(init=False, repr=False, compare=False)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import re
 
 from google.protobuf.duration_pb2 import Duration
@@ -41,6 +42,15 @@ def check_hostname(report: ErrorReporter, field: str, hostname: str, *, wildcard
         kind = "hostname or *.wildcard" if wildcard else "hostname"
         report(field, f"invalid {kind} {hostname!r}")
         return False
+    return True
+
+
+def is_valid_host(host: str) -> bool:
+    """An IP address or an RFC 1123 hostname: what an upstream address may name."""
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return bool(host) and check_hostname(lambda _field, _message: None, "", host, wildcard=False)
     return True
 
 

@@ -266,8 +266,44 @@ class HttpBackend(_message.Message):
     def __init__(self) -> None: ...
 
 class McpBackend(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("prefix_mode", "failure_mode", "max_request_body_bytes", "session_idle_timeout", "session_keys")
+    class PrefixMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PREFIX_MODE_UNSPECIFIED: _ClassVar[McpBackend.PrefixMode]
+        PREFIX_MODE_CONDITIONAL: _ClassVar[McpBackend.PrefixMode]
+        PREFIX_MODE_ALWAYS: _ClassVar[McpBackend.PrefixMode]
+        PREFIX_MODE_NEVER: _ClassVar[McpBackend.PrefixMode]
+    PREFIX_MODE_UNSPECIFIED: McpBackend.PrefixMode
+    PREFIX_MODE_CONDITIONAL: McpBackend.PrefixMode
+    PREFIX_MODE_ALWAYS: McpBackend.PrefixMode
+    PREFIX_MODE_NEVER: McpBackend.PrefixMode
+    class FailureMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        FAILURE_MODE_UNSPECIFIED: _ClassVar[McpBackend.FailureMode]
+        FAILURE_MODE_FAIL_CLOSED: _ClassVar[McpBackend.FailureMode]
+        FAILURE_MODE_FAIL_OPEN: _ClassVar[McpBackend.FailureMode]
+    FAILURE_MODE_UNSPECIFIED: McpBackend.FailureMode
+    FAILURE_MODE_FAIL_CLOSED: McpBackend.FailureMode
+    FAILURE_MODE_FAIL_OPEN: McpBackend.FailureMode
+    PREFIX_MODE_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_MODE_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SESSION_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    SESSION_KEYS_FIELD_NUMBER: _ClassVar[int]
+    prefix_mode: McpBackend.PrefixMode
+    failure_mode: McpBackend.FailureMode
+    max_request_body_bytes: int
+    session_idle_timeout: _duration_pb2.Duration
+    session_keys: _containers.RepeatedCompositeFieldContainer[McpSessionKey]
+    def __init__(self, prefix_mode: _Optional[_Union[McpBackend.PrefixMode, str]] = ..., failure_mode: _Optional[_Union[McpBackend.FailureMode, str]] = ..., max_request_body_bytes: _Optional[int] = ..., session_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., session_keys: _Optional[_Iterable[_Union[McpSessionKey, _Mapping]]] = ...) -> None: ...
+
+class McpSessionKey(_message.Message):
+    __slots__ = ("id", "key")
+    ID_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    id: str
+    key: bytes
+    def __init__(self, id: _Optional[str] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class A2aBackend(_message.Message):
     __slots__ = ()
@@ -278,16 +314,18 @@ class LlmBackend(_message.Message):
     def __init__(self) -> None: ...
 
 class Target(_message.Message):
-    __slots__ = ("name", "backend", "weight", "address")
+    __slots__ = ("name", "backend", "weight", "address", "mcp")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BACKEND_FIELD_NUMBER: _ClassVar[int]
     WEIGHT_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    MCP_FIELD_NUMBER: _ClassVar[int]
     name: str
     backend: str
     weight: int
     address: SocketAddress
-    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., weight: _Optional[int] = ..., address: _Optional[_Union[SocketAddress, _Mapping]] = ...) -> None: ...
+    mcp: McpServer
+    def __init__(self, name: _Optional[str] = ..., backend: _Optional[str] = ..., weight: _Optional[int] = ..., address: _Optional[_Union[SocketAddress, _Mapping]] = ..., mcp: _Optional[_Union[McpServer, _Mapping]] = ...) -> None: ...
 
 class SocketAddress(_message.Message):
     __slots__ = ("host", "port")
@@ -296,6 +334,58 @@ class SocketAddress(_message.Message):
     host: str
     port: int
     def __init__(self, host: _Optional[str] = ..., port: _Optional[int] = ...) -> None: ...
+
+class McpServer(_message.Message):
+    __slots__ = ("name", "streamable_http", "sse", "stdio")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    STREAMABLE_HTTP_FIELD_NUMBER: _ClassVar[int]
+    SSE_FIELD_NUMBER: _ClassVar[int]
+    STDIO_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    streamable_http: McpHttpTransport
+    sse: McpHttpTransport
+    stdio: McpStdioTransport
+    def __init__(self, name: _Optional[str] = ..., streamable_http: _Optional[_Union[McpHttpTransport, _Mapping]] = ..., sse: _Optional[_Union[McpHttpTransport, _Mapping]] = ..., stdio: _Optional[_Union[McpStdioTransport, _Mapping]] = ...) -> None: ...
+
+class McpHttpTransport(_message.Message):
+    __slots__ = ("address", "path", "tls", "headers")
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    address: SocketAddress
+    path: str
+    tls: UpstreamTls
+    headers: _containers.RepeatedCompositeFieldContainer[HttpHeader]
+    def __init__(self, address: _Optional[_Union[SocketAddress, _Mapping]] = ..., path: _Optional[str] = ..., tls: _Optional[_Union[UpstreamTls, _Mapping]] = ..., headers: _Optional[_Iterable[_Union[HttpHeader, _Mapping]]] = ...) -> None: ...
+
+class HttpHeader(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+
+class McpStdioTransport(_message.Message):
+    __slots__ = ("command", "args", "env", "working_dir")
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    ARGS_FIELD_NUMBER: _ClassVar[int]
+    ENV_FIELD_NUMBER: _ClassVar[int]
+    WORKING_DIR_FIELD_NUMBER: _ClassVar[int]
+    command: str
+    args: _containers.RepeatedScalarFieldContainer[str]
+    env: _containers.RepeatedCompositeFieldContainer[EnvironmentVariable]
+    working_dir: str
+    def __init__(self, command: _Optional[str] = ..., args: _Optional[_Iterable[str]] = ..., env: _Optional[_Iterable[_Union[EnvironmentVariable, _Mapping]]] = ..., working_dir: _Optional[str] = ...) -> None: ...
+
+class EnvironmentVariable(_message.Message):
+    __slots__ = ("name", "value")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    value: str
+    def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
     __slots__ = ("name", "targets")
