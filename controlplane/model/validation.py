@@ -42,6 +42,7 @@ from controlplane.model.objects import (
     SERVICE,
     KubeObject,
 )
+from shared.mcp_names import target_name_problem
 from shared.regex import compile_regex
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -81,8 +82,6 @@ BACKEND_VARIANTS = ("static", "mcp")
 MCP_PREFIX_MODES = ("Conditional", "Always", "Never")
 MCP_FAILURE_MODES = ("FailClosed", "FailOpen")
 MCP_TARGET_PROTOCOLS = ("StreamableHTTP", "SSE")
-# MCP target names become name prefixes: letters, digits, '_' and '-' (see resources.proto McpServer).
-MCP_TARGET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MCP_MAX_TARGETS = 64
 MCP_MAX_BODY_BYTES = 1 << 30
 
@@ -721,9 +720,10 @@ def _mcp_backend(c: _Checker, value: Any, path: str) -> None:
 def _mcp_target(c: _Checker, target: Mapping[str, Any], path: str) -> str | None:
     """Checks one entry of spec.mcp.targets; returns its name when valid."""
     c.unknown_keys(target, path, ("name", "static", "stdio", "protocol"))
-    name = c.string(target.get("name"), f"{path}.name", required=True, max_length=64)
-    if name is not None and not MCP_TARGET_NAME.fullmatch(name):
-        c.error(f"{path}.name", f"invalid target name {name!r}: use 1 to 64 letters, digits, '_' or '-'")
+    name = c.string(target.get("name"), f"{path}.name", required=True, max_length=63)
+    problem = None if name is None else target_name_problem(name)
+    if problem is not None:
+        c.error(f"{path}.name", problem)
         name = None
     kinds = [kind for kind in ("static", "stdio") if kind in target]
     if len(kinds) != 1:

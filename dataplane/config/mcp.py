@@ -36,9 +36,9 @@ from dataplane.config.validate import (
     is_valid_host,
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.mcp_names import target_name_problem
 
 # Target names are name prefixes; the federation layer's separator must not be one of these.
-MCP_TARGET_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")
 MAX_MCP_BODY_BYTES = 1 << 30
 DEFAULT_STREAMABLE_HTTP_PATH = "/mcp"
 DEFAULT_SSE_PATH = "/sse"
@@ -170,8 +170,9 @@ def compile_mcp_target(
     """One MCP server Target; None (with errors reported) when it is unusable."""
     server = target.mcp
     ok = True
-    if not MCP_TARGET_NAME.fullmatch(server.name):
-        report("mcp.name", f"invalid server name {server.name!r}: use 1 to 64 letters, digits, '_' or '-'")
+    problem = target_name_problem(server.name)
+    if problem is not None:
+        report("mcp.name", problem)
         ok = False
     elif name != f"{backend_name}/{server.name}":
         report("mcp.name", f"{server.name!r} does not match the target key {name!r} (want {backend_name}/<name>)")

@@ -61,8 +61,9 @@ def test_valid_spec_has_no_errors() -> None:
     ("mcp", "field", "message"),
     [
         ({"targets": []}, "spec.mcp.targets", "must not be empty"),
-        ({"targets": [{"name": "a.b", "stdio": {"command": "x"}}]}, "spec.mcp.targets[0].name", "invalid target name"),
-        ({"targets": [{"name": "x" * 65, "stdio": {"command": "x"}}]}, "spec.mcp.targets[0].name", "at most 64"),
+        ({"targets": [{"name": "a.b", "stdio": {"command": "x"}}]}, "spec.mcp.targets[0].name", "invalid MCP target"),
+        ({"targets": [{"name": "a__b", "stdio": {"command": "x"}}]}, "spec.mcp.targets[0].name", "separator"),
+        ({"targets": [{"name": "x" * 64, "stdio": {"command": "x"}}]}, "spec.mcp.targets[0].name", "at most 63"),
         (
             {"targets": [{"name": "a", "stdio": {"command": "x"}}, {"name": "a", "stdio": {"command": "y"}}]},
             "spec.mcp.targets[1].name",

@@ -192,8 +192,9 @@ def test_backend_level_tls_is_rejected() -> None:
 @pytest.mark.parametrize(
     ("target", "field", "message"),
     [
-        (server("bad.name", streamable_http=http()), "mcp.name", "invalid server name"),
-        (server("", streamable_http=http()), "mcp.name", "invalid server name"),
+        (server("bad.name", streamable_http=http()), "mcp.name", "invalid MCP target name"),
+        (server("", streamable_http=http()), "mcp.name", "invalid MCP target name"),
+        (server("two__parts", streamable_http=http()), "mcp.name", "prefix separator"),
         (
             pb.Target(
                 name=f"{BACKEND_NAME}/a", backend=BACKEND_NAME, mcp=pb.McpServer(name="b", stdio={"command": "x"})
