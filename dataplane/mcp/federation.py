@@ -47,6 +47,7 @@ from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from dataplane.config.model import McpBackendSettings
 from dataplane.mcp.jsonrpc import ErrorCode, RequestId
 from dataplane.mcp.jsonrpc import error_response as _error
 from dataplane.mcp.jsonrpc import result_response as _result
@@ -68,8 +69,9 @@ _META_SERVER_INFO = "io.modelcontextprotocol/serverInfo"
 class FailureMode(enum.Enum):
     """What a fan-out does when some targets fail."""
 
-    FAIL_CLOSED = "failClosed"
-    FAIL_OPEN = "failOpen"
+    # The values are the compiled config's (dataplane.config.model.McpBackendSettings).
+    FAIL_CLOSED = "fail_closed"
+    FAIL_OPEN = "fail_open"
 
 
 class Kind(enum.Enum):
@@ -121,6 +123,12 @@ class FederationConfig:
     failure_mode: FailureMode = FailureMode.FAIL_CLOSED
     server_info: JSON = field(default_factory=lambda: {"name": "agentgate", "version": "0.1.0"})
     supported_versions: tuple[str, ...] = DEFAULT_SUPPORTED_VERSIONS
+
+    @classmethod
+    def from_settings(cls, settings: McpBackendSettings) -> FederationConfig:
+        """The federation rules of one compiled MCP backend (called when a config is applied)."""
+        naming = Naming([target.name for target in settings.targets], PrefixMode(settings.prefix_mode))
+        return cls(naming=naming, failure_mode=FailureMode(settings.failure_mode))
 
 
 # Method -> (result key, kind, capability) for the merged lists.

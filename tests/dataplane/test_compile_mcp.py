@@ -19,6 +19,7 @@ from dataplane.config.model import (
     McpStdioTarget,
     McpStreamableHttpTarget,
 )
+from dataplane.mcp.federation import FailureMode, FederationConfig, McpFederation, SendToTarget
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.resources import BACKEND, TARGET
 
@@ -295,3 +296,31 @@ def test_errors_are_all_reported_together() -> None:
         server("b", sse=http(port=0)),
     )
     assert {field for _, _, field in errors} >= {"mcp.session_keys[0].key", "mcp.stdio.command", "mcp.sse.address.port"}
+
+
+
+def test_compiled_settings_drive_the_federation_core() -> None:
+    settings = settings_of(
+        mcp_backend(failure_mode=pb.McpBackend.FAILURE_MODE_FAIL_OPEN),
+        server("git-hub", streamable_http=http()),
+        stdio("fs"),
+    )
+    config = FederationConfig.from_settings(settings)
+    assert config.failure_mode is FailureMode.FAIL_OPEN
+    assert config.naming.prefixed, "conditional prefixing with two targets"
+    actions = McpFederation(config).receive_from_client(
+        {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "git-hub__create_issue"}}
+    )
+    # The core first learns the target's tools (so hidden and unknown tools answer alike) or
+    # forwards the call: either way only to git-hub, and never an error for a valid prefix.
+    assert actions and all(isinstance(a, SendToTarget) and a.target == "git-hub" for a in actions)
+
+
+def test_never_prefix_mode_reaches_the_federation_core() -> None:
+    settings = settings_of(
+        mcp_backend(prefix_mode=pb.McpBackend.PREFIX_MODE_NEVER),
+        server("a", streamable_http=http()),
+        stdio("b"),
+    )
+    config = FederationConfig.from_settings(settings)
+    assert not config.naming.prefixed and config.failure_mode is FailureMode.FAIL_CLOSED
