@@ -163,6 +163,9 @@ class ProxyHandler:
         cluster = choice.cluster
         if cluster is None:
             raise BackendUnavailable(f"route {route.name}: backend {choice.name} is not in the configuration")
+        if cluster.kind != "http":
+            # Protocol-aware backends (MCP now; A2A and LLM later) need their own handler.
+            raise UnsupportedRequest(f"backend {cluster.name} is a {cluster.kind} backend, not served here yet")
         target = cluster.pick_target()
         if target is None:
             raise BackendUnavailable(f"backend {cluster.name} has no targets")

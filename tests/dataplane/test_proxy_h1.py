@@ -308,6 +308,22 @@ async def test_unresolved_backend_share_is_500() -> None:
     assert response.status_code == 500 and "could not be resolved" in response.text
 
 
+async def test_mcp_backend_without_its_handler_is_501_naming_it() -> None:
+    port = free_port()
+    mcp = pb.Backend(
+        name="default/app",
+        mcp=pb.McpBackend(session_keys=[pb.McpSessionKey(id="k", key=b"k" * 32)]),
+    )
+    server = pb.Target(
+        name="default/app/tools", backend="default/app",
+        mcp=pb.McpServer(name="tools", stdio=pb.McpStdioTransport(command="tools-server")),
+    )
+    config = compile_resources(listener(port), mcp, server, route())
+    async with running_proxy(config), httpx.AsyncClient() as client:
+        response = await client.post(f"http://127.0.0.1:{port}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+    assert response.status_code == 501 and "default/app is a mcp backend" in response.text
+
+
 async def test_backend_missing_from_config_is_503_naming_it() -> None:
     port = free_port()
     config = compile_resources(listener(port), route(backends=[("default/missing", 1)]))
