@@ -23,6 +23,7 @@ from dataplane.http.errors import (
 )
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
+from dataplane.mcp.endpoint import McpEndpoint
 from dataplane.routing.match import BackendChoice, CompiledRoute, RouteMatch
 from dataplane.upstream.exchange import Exchange, UpstreamRequest
 from dataplane.upstream.pool import UpstreamPools
@@ -76,6 +77,12 @@ class ProxyHandler:
         self.config = config if config is not None else RuntimeConfig.empty()
         # Requests between their head and their last byte, over all connections.
         self.in_flight = 0
+        # The worker's MCP sessions outlive requests; `aclose` ends them.
+        self.mcp = McpEndpoint()
+
+    async def aclose(self) -> None:
+        """End what outlives requests (MCP sessions and their upstream sessions)."""
+        await self.mcp.aclose()
 
     async def handle(self, request: ProxyRequest, sink: ResponseSink) -> None:
         """Serve one request. Raises only ClientGone (and cancellation): everything else is
@@ -163,6 +170,9 @@ class ProxyHandler:
         cluster = choice.cluster
         if cluster is None:
             raise BackendUnavailable(f"route {route.name}: backend {choice.name} is not in the configuration")
+        if cluster.kind == "mcp" and cluster.mcp is not None:
+            await self.mcp.handle(request, sink, cluster)
+            return
         if cluster.kind != "http":
             # Protocol-aware backends (MCP now; A2A and LLM later) need their own handler.
             raise UnsupportedRequest(f"backend {cluster.name} is a {cluster.kind} backend, not served here yet")

@@ -546,13 +546,15 @@ class StreamableHttpChannel:
     async def receive(self) -> JSON:
         return await self._up.receive()
 
-    async def aclose(self) -> None:
+    async def aclose(self, *, end_session: bool = True) -> None:
+        """Close the channel; ``end_session=False`` keeps the upstream session (no DELETE), for a worker
+        that lets an idle session go while another worker or replica may still resume it."""
         if self._closing:
             return
         self._closing = True
         up = self._up
         await up.stop_tasks()
-        if self._session_id is not None and up.closed_reason is None:
+        if end_session and self._session_id is not None and up.closed_reason is None:
             try:
                 exchange = await up.request(b"DELETE", self._path, self._session_headers())
                 await up.drain(exchange)

@@ -308,7 +308,7 @@ async def test_unresolved_backend_share_is_500() -> None:
     assert response.status_code == 500 and "could not be resolved" in response.text
 
 
-async def test_mcp_backend_without_its_handler_is_501_naming_it() -> None:
+async def test_mcp_backend_is_served_by_the_mcp_endpoint() -> None:
     port = free_port()
     mcp = pb.Backend(
         name="default/app",
@@ -319,9 +319,23 @@ async def test_mcp_backend_without_its_handler_is_501_naming_it() -> None:
         mcp=pb.McpServer(name="tools", stdio=pb.McpStdioTransport(command="tools-server")),
     )
     config = compile_resources(listener(port), mcp, server, route())
-    async with running_proxy(config), httpx.AsyncClient() as client:
-        response = await client.post(f"http://127.0.0.1:{port}/mcp", json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
-    assert response.status_code == 501 and "default/app is a mcp backend" in response.text
+    url = f"http://127.0.0.1:{port}/mcp"
+    initialize = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    async with running_proxy(config) as proxy, httpx.AsyncClient(timeout=30) as client:
+        # A session-era request without a session is refused by the MCP endpoint, not proxied.
+        response = await client.post(url, json={"jsonrpc": "2.0", "id": 1, "method": "ping"})
+        assert response.status_code == 400 and "Mcp-Session-Id" in response.json()["error"]["message"]
+        # The only target cannot start: initialize fails naming it, and no session is issued.
+        response = await client.post(url, json=initialize)
+        await proxy._handler.aclose()
+    assert response.status_code == 200 and "mcp-session-id" not in response.headers
+    error = response.json()["error"]
+    assert error["code"] == -32603 and "tools" in error["message"]
 
 
 async def test_backend_missing_from_config_is_503_naming_it() -> None:

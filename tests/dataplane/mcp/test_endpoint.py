@@ -1,0 +1,239 @@
+"""The downstream MCP endpoint through the real proxy, in front of real SDK targets (HTTP and stdio)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+from mcp import Client
+from mcp.types import ElicitResult
+
+from dataplane.config.model import RuntimeConfig
+from dataplane.http.server import ProxyServer
+from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from tests.conftest import free_port
+from tests.dataplane.peers.config import compile_resources, listener, route
+from tests.dataplane.peers.proxy import running_proxy
+from tests.peers.mcp_servers.http_sdk import build_app, build_server, serve
+
+pytestmark = pytest.mark.anyio
+
+STDIO_SERVER = str(Path(__file__).parents[2] / "peers" / "mcp_servers" / "stdio_tools_server.py")
+KEY = pb.McpSessionKey(id="k1", key=b"k" * 32)
+ACCEPT_BOTH = "application/json, text/event-stream"
+POST_HEADERS = {"accept": ACCEPT_BOTH, "content-type": "application/json"}
+
+
+def mcp_config(port: int, http_port: int, *, max_body: int = 0) -> RuntimeConfig:
+    backend = pb.Backend(name="default/mcp", mcp=pb.McpBackend(session_keys=[KEY]))
+    if max_body:
+        backend.mcp.max_request_body_bytes = max_body
+    web = pb.Target(
+        name="default/mcp/web",
+        backend="default/mcp",
+        mcp=pb.McpServer(
+            name="web",
+            streamable_http=pb.McpHttpTransport(address=pb.SocketAddress(host="127.0.0.1", port=http_port)),
+        ),
+    )
+    local = pb.Target(
+        name="default/mcp/local",
+        backend="default/mcp",
+        mcp=pb.McpServer(name="local", stdio=pb.McpStdioTransport(command=sys.executable, args=[STDIO_SERVER])),
+    )
+    return compile_resources(listener(port), backend, web, local, route(backends=[("default/mcp", 1)]))
+
+
+@asynccontextmanager
+async def gateway(config: RuntimeConfig) -> AsyncIterator[ProxyServer]:
+    async with running_proxy(config) as server:
+        try:
+            yield server
+        finally:
+            with anyio.fail_after(15):
+                await server._handler.aclose()
+
+
+@pytest.fixture
+async def http_target() -> AsyncIterator[int]:
+    async with serve(build_app(build_server(), "streamable")) as port:
+        yield port
+
+
+async def test_the_sdk_client_lists_calls_gets_progress_and_elicits_through_two_targets(http_target: int) -> None:
+    port = free_port()
+    progress: list[float] = []
+    asked: list[str] = []
+
+    async def on_progress(done: float, total: float | None, message: str | None) -> None:
+        progress.append(done)
+
+    async def elicit(context: Any, params: Any) -> ElicitResult:
+        asked.append(params.message)
+        return ElicitResult(action="accept", content={"text": "blue"})
+
+    async with gateway(mcp_config(port, http_target)) as server:
+        with anyio.fail_after(60):
+            async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", elicitation_callback=elicit) as client:
+                tools = {tool.name for tool in (await client.list_tools()).tools}
+                assert {"web__add", "web__ask", "local__echo", "local__work"} <= tools
+                added = await client.call_tool("web__add", {"a": 2, "b": 3})
+                assert added.content[0].text == "5"
+                echoed = await client.call_tool("local__echo", {"text": "hi"})
+                assert echoed.content[0].text == "hi"
+                worked = await client.call_tool("local__work", {"steps": 3}, progress_callback=on_progress)
+                assert worked.content[0].text == "done 3"
+                assert progress == [1, 2, 3]
+                answered = await client.call_tool("web__ask", {"question": "colour?"})
+                assert answered.content[0].text == "answer: blue" and asked == ["colour?"]
+                assert len(server._handler.mcp.sessions) == 1
+        # The client DELETEs its session on exit.
+        assert len(server._handler.mcp.sessions) == 0
+
+
+def messages(response: httpx.Response) -> list[dict[str, Any]]:
+    """The JSON-RPC messages of a JSON or SSE reply."""
+    if response.headers["content-type"] == "application/json":
+        return [response.json()]
+    return [json.loads(line[6:]) for line in response.text.splitlines() if line.startswith("data: ")]
+
+
+async def initialize(client: httpx.AsyncClient, url: str) -> str:
+    body = {
+        "jsonrpc": "2.0",
+        "id": 1,
+        "method": "initialize",
+        "params": {"protocolVersion": "2025-06-18", "capabilities": {}, "clientInfo": {"name": "t", "version": "1"}},
+    }
+    response = await client.post(url, json=body, headers=POST_HEADERS)
+    assert response.status_code == 200, response.text
+    assert response.json()["result"]["protocolVersion"] == "2025-06-18"
+    session = response.headers["mcp-session-id"]
+    initialized = {"jsonrpc": "2.0", "method": "notifications/initialized"}
+    headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+    assert (await client.post(url, json=initialized, headers=headers)).status_code == 202
+    return session
+
+
+async def test_a_second_worker_resumes_the_session_with_the_same_keys(http_target: int) -> None:
+    first_port, second_port = free_port(), free_port()
+    async with (
+        gateway(mcp_config(first_port, http_target)),
+        gateway(mcp_config(second_port, http_target)) as second,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        session = await initialize(client, f"http://127.0.0.1:{first_port}/mcp")
+        headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+        add = {"name": "web__add", "arguments": {"a": 1, "b": 1}}
+        call: dict[str, Any] = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": add}
+        response = await client.post(f"http://127.0.0.1:{second_port}/mcp", json=call, headers=headers)
+        assert response.status_code == 200
+        assert response.json()["result"]["content"][0]["text"] == "2"
+        call["id"] = 3
+        call["params"] = {"name": "local__echo", "arguments": {"text": "again"}}
+        response = await client.post(f"http://127.0.0.1:{second_port}/mcp", json=call, headers=headers)
+        assert response.json()["result"]["content"][0]["text"] == "again"
+        assert len(second._handler.mcp.sessions) == 1
+        deleted = await client.delete(f"http://127.0.0.1:{second_port}/mcp", headers=headers)
+        assert deleted.status_code == 204
+        # The upstream session is gone, so the first worker's copy now fails too.
+        call["id"] = 4
+        call["params"] = add
+        response = await client.post(f"http://127.0.0.1:{first_port}/mcp", json=call, headers=headers)
+        assert "error" in response.json() or response.status_code == 404
+
+
+async def test_the_get_stream_is_open_until_the_session_is_deleted(http_target: int) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with gateway(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
+        session = await initialize(client, url)
+        headers = {"accept": "text/event-stream", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+        opened = anyio.Event()
+        ended: list[bytes] = []
+
+        async def listen() -> None:
+            async with client.stream("GET", url, headers=headers) as stream:
+                assert stream.status_code == 200
+                assert stream.headers["content-type"] == "text/event-stream"
+                opened.set()
+                ended.append(await stream.aread())
+
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(listen)
+                await opened.wait()
+                deleted = await client.delete(url, headers=headers)
+                assert deleted.status_code == 204
+        assert ended == [b""]
+        gone = await client.get(url, headers=headers)
+        assert gone.status_code == 404
+
+
+async def test_bad_input_gets_the_protocol_errors(http_target: int) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with gateway(mcp_config(port, http_target, max_body=4096)), httpx.AsyncClient(timeout=30) as client:
+        session = await initialize(client, url)
+        headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+
+        malformed = await client.post(url, content=b"{not json", headers=headers)
+        assert malformed.status_code == 400 and malformed.json()["error"]["code"] == -32700
+        batch = await client.post(url, json=[{"jsonrpc": "2.0", "id": 1, "method": "ping"}], headers=headers)
+        assert batch.status_code == 400 and batch.json()["error"]["code"] == -32600
+        unknown = await client.post(url, json={"jsonrpc": "2.0", "id": 5, "method": "nope"}, headers=headers)
+        assert unknown.json()["error"]["code"] == -32601 and unknown.json()["id"] == 5
+        call = {"jsonrpc": "2.0", "id": 6, "method": "tools/call", "params": {"name": "web__missing", "arguments": {}}}
+        tool = await client.post(url, json=call, headers=headers)
+        assert tool.json()["error"]["code"] == -32602
+        wrong_accept = await client.post(url, json=call, headers={**headers, "accept": "application/json"})
+        assert wrong_accept.status_code == 406
+        no_session = {k: v for k, v in headers.items() if k != "mcp-session-id"}
+        assert (await client.post(url, json=call, headers=no_session)).status_code == 400
+        bad = await client.post(url, json=call, headers={**headers, "mcp-session-id": session[:-4] + "AAAA"})
+        assert bad.status_code == 404
+        huge = {"jsonrpc": "2.0", "id": 7, "method": "ping", "params": {"pad": "x" * 5000}}
+        assert (await client.post(url, json=huge, headers=headers)).status_code == 413
+        version = await client.post(url, json=call, headers={**headers, "mcp-protocol-version": "1999-01-01"})
+        assert version.status_code == 400
+        foreign = await client.post(url, json=call, headers={**headers, "origin": "http://evil.example"})
+        assert foreign.status_code == 403
+        assert (await client.put(url, json=call, headers=headers)).status_code == 405
+        assert (await client.get(url, headers={**headers, "accept": "application/json"})).status_code == 406
+        ping = await client.post(url, json={"jsonrpc": "2.0", "id": 8, "method": "ping"}, headers=headers)
+        assert ping.status_code == 200 and ping.json() == {"jsonrpc": "2.0", "id": 8, "result": {}}
+
+
+async def test_an_unanswered_elicitation_streams_then_times_out_cleanly(http_target: int) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with gateway(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
+        session = await initialize(client, url)
+        server._handler.mcp.request_timeout = 1.0
+        headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+        ask = {"name": "web__ask", "arguments": {"question": "anyone?"}}
+        call = {"jsonrpc": "2.0", "id": 9, "method": "tools/call", "params": ask}
+        with anyio.fail_after(20):
+            response = await client.post(url, json=call, headers=headers)
+        assert response.headers["content-type"] == "text/event-stream"
+        events = messages(response)
+        # The target's elicitation reached the client with a gateway id, then the request failed cleanly.
+        assert events[0]["method"] == "elicitation/create" and str(events[0]["id"]).startswith("gw-")
+        assert events[-1]["id"] == 9 and events[-1]["error"]["code"] == -32603
+        # The session still serves.
+        add = {
+            "jsonrpc": "2.0",
+            "id": 10,
+            "method": "tools/call",
+            "params": {"name": "web__add", "arguments": {"a": 1, "b": 2}},
+        }
+        answer = await client.post(url, json=add, headers=headers)
+        # It may carry, on an SSE stream, the target's cancellation of its abandoned elicitation first.
+        assert messages(answer)[-1]["result"]["content"][0]["text"] == "3"
