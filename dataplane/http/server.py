@@ -224,6 +224,9 @@ class ProxyServer:
             report("drain deadline reached", connections=len(self._connections), in_flight=self.in_flight)
             for conn in list(self._connections):
                 conn.abort()
+        # Protocol sessions (MCP stdio processes, upstream channels) end with the worker.
+        with anyio.CancelScope(shield=True), anyio.move_on_after(10):
+            await self._handler.aclose()
         self.pools.close()
         if self._stop is not None:
             self._stop.set()
