@@ -43,6 +43,7 @@ from controlplane.model.objects import (
     KubeObject,
 )
 from shared.mcp_names import target_name_problem
+from shared.origins import origin_problem
 from shared.regex import compile_regex
 
 HTTP_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH"})
@@ -687,6 +688,7 @@ _MCP_FIELDS = (
     "previousSessionKeyRefs",
     "maxBodyBytes",
     "sessionIdleTimeout",
+    "allowedOrigins",
 )
 
 
@@ -715,6 +717,11 @@ def _mcp_backend(c: _Checker, value: Any, path: str) -> None:
     idle = c.duration(mcp.get("sessionIdleTimeout"), f"{path}.sessionIdleTimeout")
     if idle is not None and idle.total_seconds() <= 0:
         c.error(f"{path}.sessionIdleTimeout", "must be greater than zero")
+    for index, item in enumerate(c.items(mcp.get("allowedOrigins"), f"{path}.allowedOrigins", max_items=64)):
+        origin = c.string(item, f"{path}.allowedOrigins[{index}]", required=True)
+        problem = None if origin is None else origin_problem(origin)
+        if problem is not None:
+            c.error(f"{path}.allowedOrigins[{index}]", problem)
 
 
 def _mcp_target(c: _Checker, target: Mapping[str, Any], path: str) -> str | None:

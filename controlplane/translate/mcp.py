@@ -59,6 +59,7 @@ def mcp_backend(
         settings.max_request_body_bytes = spec["maxBodyBytes"]
     if "sessionIdleTimeout" in spec:
         settings.session_idle_timeout.FromTimedelta(parse_duration(spec["sessionIdleTimeout"]))
+    settings.allowed_origins.extend(spec.get("allowedOrigins") or ())
     refs = [("spec.mcp.sessionKeyRef", spec["sessionKeyRef"])]
     refs += [
         (f"spec.mcp.previousSessionKeyRefs[{i}]", ref) for i, ref in enumerate(spec.get("previousSessionKeyRefs") or ())

@@ -37,6 +37,7 @@ from dataplane.config.validate import (
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.mcp_names import target_name_problem
+from shared.origins import OriginAllowList
 
 # Target names are name prefixes; the federation layer's separator must not be one of these.
 MAX_MCP_BODY_BYTES = 1 << 30
@@ -117,6 +118,13 @@ def compile_mcp_settings(
         report("mcp.session_idle_timeout", "must be greater than zero")
         ok = False
     keys = _session_keys(report, settings.session_keys)
+    origins: OriginAllowList | None = None
+    if settings.allowed_origins:
+        try:
+            origins = OriginAllowList.compile(settings.allowed_origins)
+        except ValueError as exc:
+            report("mcp.allowed_origins", str(exc))
+            ok = False
     # A server's Target key is "<backend>/<server name>" (checked per target), and keys are
     # unique, so server names are unique within the backend.
     compiled: list[McpTarget] = []
@@ -135,6 +143,7 @@ def compile_mcp_settings(
         session_idle_timeout=idle or DEFAULT_MCP_SESSION_IDLE_TIMEOUT,
         session_keys=keys,
         targets=tuple(compiled),
+        allowed_origins=origins,
     )
 
 

@@ -17,6 +17,7 @@ from itertools import accumulate
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
+from shared.origins import OriginAllowList
 from shared.resources import ResourceMap
 
 if TYPE_CHECKING:
@@ -135,6 +136,8 @@ class McpBackendSettings:
     # The first key encrypts new session ids; every key decrypts.
     session_keys: tuple[McpSessionKey, ...] = ()
     targets: tuple[McpTarget, ...] = ()
+    # Browser origins allowed to call the endpoint; None: only the request's own host.
+    allowed_origins: OriginAllowList | None = None
     prefix_names: bool = field(init=False)
     _by_name: Mapping[str, McpTarget] = field(init=False, repr=False, compare=False)
 

@@ -8,21 +8,23 @@ requests before its response). GET opens the standalone stream, DELETE ends the 
 request waits at most ``request_timeout``; the GET stream lasts until the session closes (DELETE,
 idle expiry) or the client goes.
 
-Origin: absent, or the same host as the request's authority (DNS-rebinding protection without a
-configured allow-list yet).
+Origin: absent, on the backend's allowed origins, or (none configured) the same host as the
+request's authority: DNS-rebinding protection.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol
 
 import anyio
 
 from dataplane.config.model import UpstreamCluster
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
 from dataplane.mcp.headers import (
+    META_PROTOCOL_VERSION,
+    MODERN_PROTOCOL_VERSIONS,
     HeaderError,
     OriginAllowList,
     check_accept_get,
@@ -34,6 +36,7 @@ from dataplane.mcp.headers import (
 from dataplane.mcp.jsonrpc import (
     ErrorCode,
     InvalidMessage,
+    Message,
     Request,
     encode,
     error_response,
@@ -84,14 +87,44 @@ class _Reject(Exception):
         return cls(error.status, error.message, error.to_jsonrpc())
 
 
+class ModernExchange(Protocol):
+    """Serves one sessionless (2026-07-28) POST whose body is already parsed and valid JSON-RPC."""
+
+    async def post(
+        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, message: Message
+    ) -> None: ...
+
+    async def aclose(self) -> None: ...
+
+
+def _is_modern(headers: Headers, message: Message) -> bool:
+    """A 2026-07-28 request: its header says so, or (header missing) its `_meta` does without a session."""
+    version = _header(headers, b"mcp-protocol-version")
+    if version is not None:
+        return version in MODERN_PROTOCOL_VERSIONS
+    if _header(headers, b"mcp-session-id") is not None:
+        return False
+    params = getattr(message, "params", None)
+    meta = params.get("_meta") if isinstance(params, dict) else None
+    return isinstance(meta, dict) and META_PROTOCOL_VERSION in meta
+
+
 class McpEndpoint:
     """Serves the MCP backends of one worker; one instance per ProxyHandler."""
 
-    def __init__(self, sessions: McpSessions | None = None, request_timeout: float = DEFAULT_REQUEST_TIMEOUT) -> None:
+    def __init__(
+        self,
+        sessions: McpSessions | None = None,
+        request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
+        modern: ModernExchange | None = None,
+    ) -> None:
         self.sessions = sessions if sessions is not None else McpSessions()
         self.request_timeout = request_timeout
+        self.modern = modern
 
     async def aclose(self) -> None:
+        if self.modern is not None:
+            await self.modern.aclose()
         await self.sessions.aclose()
 
     async def handle(self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster) -> None:
@@ -99,7 +132,8 @@ class McpEndpoint:
         try:
             origin = _header(request.headers, b"origin")
             if origin is not None:
-                refused = check_origin(origin, _same_host_origins(request.authority))
+                allowed = cluster.mcp.allowed_origins if cluster.mcp is not None else None
+                refused = check_origin(origin, allowed or _same_host_origins(request.authority))
                 if refused is not None:
                     raise _Reject.of(refused)
             if request.method == b"POST":
@@ -127,6 +161,9 @@ class McpEndpoint:
         parsed = parse_message(body)
         if isinstance(parsed, InvalidMessage):
             await _send_json(sink, 400, parsed.to_response())
+            return
+        if self.modern is not None and _is_modern(request.headers, parsed):
+            await self.modern.post(request, sink, cluster, parsed)
             return
         message: dict[str, Any] = parsed.raw
         token = _header(request.headers, b"mcp-session-id")

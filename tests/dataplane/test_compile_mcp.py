@@ -170,11 +170,21 @@ def test_backend_without_targets_compiles() -> None:
         (mcp_backend(max_request_body_bytes=(1 << 30) + 1), "mcp.max_request_body_bytes", "exceeds"),
         (mcp_backend(session_idle_timeout=Duration(seconds=0)), "mcp.session_idle_timeout", "greater than zero"),
         (mcp_backend(session_idle_timeout=Duration(seconds=-1)), "mcp.session_idle_timeout", "non-negative"),
+        (mcp_backend(allowed_origins=["https://a.test/path"]), "mcp.allowed_origins", "not an origin"),
     ],
 )
 def test_backend_errors_name_the_field(backend: pb.Backend, field: str, message: str) -> None:
     errors = rejected(backend, stdio("a"))
     assert message in errors[("Backend", BACKEND_NAME, field)], errors
+
+
+def test_allowed_origins_compile_once_and_default_to_none() -> None:
+    assert settings_of(mcp_backend(), stdio("a")).allowed_origins is None
+    origins = settings_of(mcp_backend(allowed_origins=["https://App.test:443", "http://localhost:*"]), stdio("a"))
+    assert origins.allowed_origins is not None
+    assert origins.allowed_origins.allows("https://app.test")
+    assert origins.allowed_origins.allows("http://localhost:5173")
+    assert not origins.allowed_origins.allows("https://evil.test")
 
 
 def test_key_material_never_appears_in_errors() -> None:

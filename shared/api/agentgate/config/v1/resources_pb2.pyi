@@ -266,7 +266,7 @@ class HttpBackend(_message.Message):
     def __init__(self) -> None: ...
 
 class McpBackend(_message.Message):
-    __slots__ = ("prefix_mode", "failure_mode", "max_request_body_bytes", "session_idle_timeout", "session_keys")
+    __slots__ = ("prefix_mode", "failure_mode", "max_request_body_bytes", "session_idle_timeout", "session_keys", "allowed_origins")
     class PrefixMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         PREFIX_MODE_UNSPECIFIED: _ClassVar[McpBackend.PrefixMode]
@@ -290,12 +290,14 @@ class McpBackend(_message.Message):
     MAX_REQUEST_BODY_BYTES_FIELD_NUMBER: _ClassVar[int]
     SESSION_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
     SESSION_KEYS_FIELD_NUMBER: _ClassVar[int]
+    ALLOWED_ORIGINS_FIELD_NUMBER: _ClassVar[int]
     prefix_mode: McpBackend.PrefixMode
     failure_mode: McpBackend.FailureMode
     max_request_body_bytes: int
     session_idle_timeout: _duration_pb2.Duration
     session_keys: _containers.RepeatedCompositeFieldContainer[McpSessionKey]
-    def __init__(self, prefix_mode: _Optional[_Union[McpBackend.PrefixMode, str]] = ..., failure_mode: _Optional[_Union[McpBackend.FailureMode, str]] = ..., max_request_body_bytes: _Optional[int] = ..., session_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., session_keys: _Optional[_Iterable[_Union[McpSessionKey, _Mapping]]] = ...) -> None: ...
+    allowed_origins: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, prefix_mode: _Optional[_Union[McpBackend.PrefixMode, str]] = ..., failure_mode: _Optional[_Union[McpBackend.FailureMode, str]] = ..., max_request_body_bytes: _Optional[int] = ..., session_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., session_keys: _Optional[_Iterable[_Union[McpSessionKey, _Mapping]]] = ..., allowed_origins: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class McpSessionKey(_message.Message):
     __slots__ = ("id", "key")
