@@ -27,12 +27,19 @@ $(STAMP): pyproject.toml | $(BIN)/python
 
 install: $(STAMP)
 
+# The npm MCP peers of the tests (server-everything, the TypeScript SDK client), reinstalled when the lock changes.
+NODE_PEERS := tests/peers/node/node_modules/.installed
+$(NODE_PEERS): tests/peers/node/package-lock.json | $(STAMP)
+	sh tests/peers/node/install.sh
+	@touch $@
+
 run: install
 	$(call apt_ensure,curl:curl)
 	examples/quickstart/run.sh
 
 test: install
 	$(call apt_ensure,curl:curl nginx:nginx-light)
+	@$(MAKE) --no-print-directory $(NODE_PEERS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
 
