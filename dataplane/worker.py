@@ -182,9 +182,17 @@ class Worker:
 
     @staticmethod
     async def _watch_stdin(stop: anyio.Event) -> None:
-        stdin = anyio.wrap_file(sys.stdin.buffer)
-        while await stdin.read(4096):
-            pass
+        """Stop when the supervisor's pipe closes (it died). Reads on the event loop, not in a
+        thread: a thread blocked in read() cannot be cancelled and would hold up the exit."""
+        fd = sys.stdin.fileno()
+        os.set_blocking(fd, False)
+        while True:
+            await anyio.wait_readable(fd)
+            try:
+                if not os.read(fd, 4096):
+                    break
+            except BlockingIOError:
+                continue
         log.info("parent process gone (stdin closed)")
         stop.set()
 

@@ -75,4 +75,6 @@ async def test_run_serves_with_two_workers_restarts_a_dead_one_and_stops_cleanly
         with anyio.fail_after(20):
             await run.process.wait()
         assert run.process.returncode == 0, run.raw[-20:]
+        # Each worker drained and exited on SIGTERM by itself; none had to be killed.
+        assert run.find(event("worker did not drain in time, killing")) is None, run.raw[-20:]
     assert not [pid for pid in pids if _alive(pid)], "workers must not outlive `agentgate run`"
