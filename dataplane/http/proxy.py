@@ -24,6 +24,7 @@ from dataplane.http.errors import (
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
 from dataplane.mcp.endpoint import McpEndpoint
+from dataplane.mcp.modern import ModernEndpoint
 from dataplane.routing.match import BackendChoice, CompiledRoute, RouteMatch
 from dataplane.upstream.exchange import Exchange, UpstreamRequest
 from dataplane.upstream.pool import UpstreamPools
@@ -78,7 +79,12 @@ class ProxyHandler:
         # Requests between their head and their last byte, over all connections.
         self.in_flight = 0
         # The worker's MCP sessions outlive requests; `aclose` ends them.
-        self.mcp = McpEndpoint()
+        self.mcp = McpEndpoint(modern=ModernEndpoint())
+
+    def begin_drain(self) -> None:
+        """End the streams that last until the client goes (MCP GET and listen streams), so a drain
+        waits only for real requests."""
+        self.mcp.end_streams()
 
     async def aclose(self) -> None:
         """End what outlives requests (MCP sessions and their upstream sessions)."""
@@ -134,15 +140,7 @@ class ProxyHandler:
         match = group.route_table.match(authority, path, query, method, HeaderView(request.headers))
         if match is None:
             raise NoRoute(f"no route for {method} {authority}{path}")
-        route = match.route
-        timeout = route.request_timeout
-        if timeout is None:
-            await self._dispatch(request, sink, match, authority, path, query)
-            return
-        with anyio.move_on_after(timeout) as scope:
-            await self._dispatch(request, sink, match, authority, path, query)
-        if scope.cancelled_caught:
-            raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+        await self._dispatch(request, sink, match, authority, path, query)
 
     async def _dispatch(
         self, request: ProxyRequest, sink: ResponseSink, match: RouteMatch, authority: str, path: str, query: str
@@ -170,8 +168,10 @@ class ProxyHandler:
         cluster = choice.cluster
         if cluster is None:
             raise BackendUnavailable(f"route {route.name}: backend {choice.name} is not in the configuration")
+        timeout = route.request_timeout
         if cluster.kind == "mcp" and cluster.mcp is not None:
-            await self.mcp.handle(request, sink, cluster)
+            # The endpoint bounds each MCP request by the route's timeout itself: its GET streams outlive it.
+            await self.mcp.handle(request, sink, cluster, timeout)
             return
         if cluster.kind != "http":
             # Protocol-aware backends (MCP now; A2A and LLM later) need their own handler.
@@ -179,7 +179,13 @@ class ProxyHandler:
         target = cluster.pick_target()
         if target is None:
             raise BackendUnavailable(f"backend {cluster.name} has no targets")
-        await self._forward(request, sink, match, choice, cluster, target, path, query)
+        if timeout is None:
+            await self._forward(request, sink, match, choice, cluster, target, path, query)
+            return
+        with anyio.move_on_after(timeout) as scope:
+            await self._forward(request, sink, match, choice, cluster, target, path, query)
+        if scope.cancelled_caught:
+            raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
 
     async def _forward(
         self,

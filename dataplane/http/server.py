@@ -216,6 +216,7 @@ class ProxyServer:
         self._listeners.clear()
         for conn in list(self._connections):
             conn.drain()
+        self._handler.begin_drain()
         if self._connections:
             with anyio.move_on_after(drain_timeout):
                 await self._all_closed.wait()

@@ -1,22 +1,40 @@
-"""The downstream MCP endpoint: streamable HTTP, session era (2025-03-26 to 2025-11-25).
+"""The downstream MCP endpoint: streamable HTTP, session era (2025-03-26 to 2025-11-25), and the legacy
+HTTP+SSE transport (2024-11-05) beside it.
 
 The HTTP shell around ``McpSessions``: it checks the request (method, Origin, Accept,
 Content-Type, body size, session and protocol-version headers), hands the one JSON-RPC message
 to the session, and answers 202 (notifications, responses), a JSON body (a request whose final
-response comes first) or an SSE stream (a request that gets notifications or server-to-client
-requests before its response). GET opens the standalone stream, DELETE ends the session. A
-request waits at most ``request_timeout``; the GET stream lasts until the session closes (DELETE,
-idle expiry) or the client goes.
+response comes first, within ``sse_after`` for 2025-11-25 clients) or an SSE stream. GET opens the
+standalone stream, or, with Last-Event-ID, resumes a stream; DELETE ends the session.
 
-Origin: absent, on the backend's allowed origins, or (none configured) the same host as the
-request's authority: DNS-rebinding protection.
+Resumption (2025-11-25 basic/transports "Resumability and Redelivery"): every SSE event carries
+an id naming its stream and position (sessions.py). A 2025-11-25 stream starts with a priming
+event (an id, a ``retry`` and empty data), so even a silent stream can be resumed. GET with
+Last-Event-ID replays what followed that id and goes on live; a request stream ends after its
+response (which arrives there if it was still pending). An id of a stream this worker no longer
+has: a standalone stream's gets a fresh standalone stream (its lost notifications are not
+replayable anyway); a request stream's gets 400, since a fresh stream would never carry the
+response the client waits for (the SDK then gives up on that request, or retries and may reach the
+worker that holds it); an id the gateway never issued gets 400. Resumption is per worker.
+
+Bounds: a request waits at most ``request_timeout`` or the route's request timeout, whichever is
+shorter, counted by its session whether or not a client reads; then it gets a JSON-RPC error and is
+cancelled upstream. The GET and legacy SSE streams are not bounded by the route's timeout: they
+last as long as their session (DELETE, idle expiry, or the client going).
+
+Paths: under an MCP route, a path ending in ``/sse`` (GET) and one ending in ``/message`` (POST)
+belong to the legacy transport (legacy_endpoint.py): route ``/mcp`` serves streamable HTTP at
+``/mcp`` and legacy clients at ``/mcp/sse``. Origin, for every path: absent, on the backend's
+allowed origins, or (none configured) the same host as the request's authority: DNS-rebinding
+protection.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
+from urllib.parse import unquote
 
 import anyio
 
@@ -42,13 +60,27 @@ from dataplane.mcp.jsonrpc import (
     error_response,
     parse_message,
 )
-from dataplane.mcp.sessions import FederatedSession, McpSessions, SessionNotFound
+from dataplane.mcp.legacy_endpoint import LegacyRefusal, LegacySseEndpoint
+from dataplane.mcp.session import SessionTokenTooLong
+from dataplane.mcp.sessions import (
+    EventStream,
+    FederatedSession,
+    McpSessions,
+    RequestIdInUse,
+    SessionNotFound,
+    StreamEvent,
+    parse_event_id,
+)
 from shared.logging import get_logger
 
 log = get_logger("dataplane.mcp.endpoint")
 
 # The longest a client request waits for its final response (the targets' own timeouts are shorter).
 DEFAULT_REQUEST_TIMEOUT = 300.0
+# The reconnection delay (ms) the priming event asks a client to wait before resuming a broken stream.
+DEFAULT_RETRY_MS: Final = 1000
+# How long a 2025-11-25 request may go silent before its answer becomes a (resumable) SSE stream.
+DEFAULT_SSE_AFTER: Final = 1.0
 _JSON = (b"content-type", b"application/json")
 _SSE = (b"content-type", b"text/event-stream")
 _NO_CACHE = (b"cache-control", b"no-cache")
@@ -56,6 +88,10 @@ _NO_CACHE = (b"cache-control", b"no-cache")
 _MAX_HELD = 64
 # Session-era protocol versions this endpoint accepts in MCP-Protocol-Version.
 _SESSION_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
+# Versions whose clients expect a priming event (an id with empty data) at the start of a stream.
+_PRIMING_VERSIONS: Final = frozenset({"2025-11-25"})
+
+Issue = Callable[[dict[str, Any]], tuple[dict[str, Any], Headers]]
 
 
 def _header(headers: Headers, name: bytes) -> str | None:
@@ -68,6 +104,14 @@ def _header(headers: Headers, name: bytes) -> str | None:
 def _same_host_origins(authority: bytes) -> OriginAllowList:
     host = authority.decode("latin-1")
     return OriginAllowList.compile([f"http://{host}", f"https://{host}"])
+
+
+def _query_value(query: str, name: str) -> str | None:
+    for part in query.split("&"):
+        key, _, value = part.partition("=")
+        if key == name:
+            return unquote(value)
+    return None
 
 
 class _Reject(Exception):
@@ -86,13 +130,25 @@ class _Reject(Exception):
     def of(cls, error: HeaderError) -> _Reject:
         return cls(error.status, error.message, error.to_jsonrpc())
 
+    @classmethod
+    def jsonrpc(cls, status: int, message: str, extra: Headers | None = None) -> _Reject:
+        """With a JSON-RPC error without id as the body, as the spec allows for refused input."""
+        return cls(status, message, error_response(None, ErrorCode.INVALID_REQUEST, message), extra)
+
 
 class ModernExchange(Protocol):
     """Serves one sessionless (2026-07-28) POST whose body is already parsed and valid JSON-RPC."""
 
     async def post(
-        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, message: Message
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        cluster: UpstreamCluster,
+        message: Message,
+        route_timeout: float | None = None,
     ) -> None: ...
+
+    def end_streams(self) -> None: ...
 
     async def aclose(self) -> None: ...
 
@@ -100,8 +156,8 @@ class ModernExchange(Protocol):
 def _is_modern(headers: Headers, message: Message) -> bool:
     """A 2026-07-28 request: its header says so, or (header missing) its `_meta` does without a session."""
     version = _header(headers, b"mcp-protocol-version")
-    if version is not None:
-        return version in MODERN_PROTOCOL_VERSIONS
+    if version is not None and version in MODERN_PROTOCOL_VERSIONS:
+        return True
     if _header(headers, b"mcp-session-id") is not None:
         return False
     params = getattr(message, "params", None)
@@ -117,18 +173,36 @@ class McpEndpoint:
         sessions: McpSessions | None = None,
         request_timeout: float = DEFAULT_REQUEST_TIMEOUT,
         modern: ModernExchange | None = None,
+        *,
+        retry_ms: int = DEFAULT_RETRY_MS,
+        sse_after: float = DEFAULT_SSE_AFTER,
     ) -> None:
         self.sessions = sessions if sessions is not None else McpSessions()
         self.request_timeout = request_timeout
         self.modern = modern
+        self.legacy = LegacySseEndpoint(self.sessions)
+        self.retry_ms = retry_ms
+        self.sse_after = sse_after
+
+    def end_streams(self) -> None:
+        """Draining: end the standing streams (GET, listen, legacy SSE); requests in flight finish."""
+        self.sessions.end_streams()
+        self.legacy.end_streams()
+        if self.modern is not None:
+            self.modern.end_streams()
 
     async def aclose(self) -> None:
         if self.modern is not None:
             await self.modern.aclose()
+        await self.legacy.aclose()
         await self.sessions.aclose()
 
-    async def handle(self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster) -> None:
-        """Answer one HTTP request for the MCP backend ``cluster``."""
+    async def handle(
+        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, route_timeout: float | None = None
+    ) -> None:
+        """Answer one HTTP request for the MCP backend ``cluster``; ``route_timeout`` is the route's
+        request timeout, which bounds requests but not the long-lived GET streams."""
+        bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
         try:
             origin = _header(request.headers, b"origin")
             if origin is not None:
@@ -136,11 +210,22 @@ class McpEndpoint:
                 refused = check_origin(origin, allowed or _same_host_origins(request.authority))
                 if refused is not None:
                     raise _Reject.of(refused)
-            if request.method == b"POST":
-                await self._post(request, sink, cluster)
-            elif request.method == b"GET":
+            path, _, query = request.target.decode("latin-1").partition("?")
+            method = request.method
+            if path.endswith("/sse"):
+                if method != b"GET":
+                    raise _Reject(405, "Method Not Allowed: the HTTP+SSE stream takes GET", extra=[(b"allow", b"GET")])
+                await self._legacy_stream(request, sink, cluster, path)
+            elif path.endswith("/message"):
+                if method != b"POST":
+                    message = "Method Not Allowed: the HTTP+SSE message endpoint takes POST"
+                    raise _Reject(405, message, extra=[(b"allow", b"POST")])
+                await self._legacy_post(request, sink, cluster, query, bound)
+            elif method == b"POST":
+                await self._post(request, sink, cluster, bound, route_timeout)
+            elif method == b"GET":
                 await self._get(request, sink, cluster)
-            elif request.method == b"DELETE":
+            elif method == b"DELETE":
                 await self._delete(request, sink, cluster)
             else:
                 allow = [(b"allow", b"GET, POST, DELETE")]
@@ -149,7 +234,14 @@ class McpEndpoint:
             await _send_reject(sink, reject)
 
     # --- POST ----------------------------------------------------------------------------------
-    async def _post(self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster) -> None:
+    async def _post(
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        cluster: UpstreamCluster,
+        bound: float,
+        route_timeout: float | None,
+    ) -> None:
         settings = cluster.mcp
         assert settings is not None
         refused = check_accept_post(_header(request.headers, b"accept")) or check_content_type(
@@ -157,15 +249,15 @@ class McpEndpoint:
         )
         if refused is not None:
             raise _Reject.of(refused)
-        body = await _read_body(request, settings.max_body_bytes)
+        body = await _read_body(request, settings.max_body_bytes, bound)
         parsed = parse_message(body)
         if isinstance(parsed, InvalidMessage):
             await _send_json(sink, 400, parsed.to_response())
             return
         if self.modern is not None and _is_modern(request.headers, parsed):
-            await self.modern.post(request, sink, cluster, parsed)
+            # The route's timeout bounds each request (answered with a JSON-RPC error), not listen streams.
+            await self.modern.post(request, sink, cluster, parsed, route_timeout)
             return
-        message: dict[str, Any] = parsed.raw
         token = _header(request.headers, b"mcp-session-id")
         if isinstance(parsed, Request) and parsed.method == "initialize":
             if token is not None:
@@ -174,46 +266,51 @@ class McpEndpoint:
                 )
                 await _send_json(sink, 400, refusal)
                 return
-            await self._initialize(sink, cluster, parsed, message)
+            await self._initialize(sink, cluster, parsed, bound)
             return
         version = check_protocol_version(_header(request.headers, b"mcp-protocol-version"), _SESSION_VERSIONS)
         if isinstance(version, HeaderError):
             raise _Reject.of(version)
         session = await self._session(cluster, token)
         if not isinstance(parsed, Request):
-            await session.submit(message)
+            await session.submit(parsed.raw)
             await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
             return
-        await self._exchange(sink, session, parsed, message)
+        await self._exchange(sink, session, parsed, bound, prime=version in _PRIMING_VERSIONS)
 
     async def _session(self, cluster: UpstreamCluster, token: str | None) -> FederatedSession:
         if token is None:
-            message = "Bad Request: Mcp-Session-Id header is required"
-            raise _Reject(400, message, error_response(None, ErrorCode.INVALID_REQUEST, message))
+            raise _Reject.jsonrpc(400, "Bad Request: Mcp-Session-Id header is required")
         try:
             return await self.sessions.find(cluster, token)
         except SessionNotFound as exc:
             log.debug("mcp_session_not_found", backend=cluster.name, reason=str(exc))
-            message = "Not Found: session unknown or expired"
-            raise _Reject(404, message, error_response(None, ErrorCode.INVALID_REQUEST, message)) from None
+            raise _Reject.jsonrpc(404, "Not Found: session unknown or expired") from None
 
-    async def _initialize(
-        self, sink: ResponseSink, cluster: UpstreamCluster, parsed: Request, message: dict[str, Any]
-    ) -> None:
+    async def _initialize(self, sink: ResponseSink, cluster: UpstreamCluster, parsed: Request, bound: float) -> None:
         session = await self.sessions.create(cluster)
-        issued: list[bytes] = []
+        issued: list[str] = []
 
-        def on_final(response: dict[str, Any]) -> Headers:
+        def issue(response: dict[str, Any]) -> tuple[dict[str, Any], Headers]:
+            """The session id for a successful initialize, or an error if it cannot be sealed."""
             result = response.get("result")
             if not isinstance(result, dict):
-                return []
+                return response, []
             version = result.get("protocolVersion")
-            token = self.sessions.issue(session, version if isinstance(version, str) else _SESSION_VERSIONS[-1])
-            issued.append(token.encode("ascii"))
-            return [(b"mcp-session-id", issued[0])]
+            try:
+                token = self.sessions.issue(session, version if isinstance(version, str) else _SESSION_VERSIONS[-1])
+            except SessionTokenTooLong as exc:
+                log.warning("mcp_session_token_too_long", backend=cluster.name, reason=str(exc))
+                message = (
+                    "Cannot open an MCP session: the targets' upstream session ids do not fit in a session id "
+                    "(too many targets, or ids too long)"
+                )
+                return error_response(parsed.id, ErrorCode.INTERNAL_ERROR, message), []
+            issued.append(token)
+            return response, [(b"mcp-session-id", token.encode("ascii"))]
 
         try:
-            await self._exchange(sink, session, parsed, message, on_final)
+            await self._exchange(sink, session, parsed, bound, prime=False, issue=issue)
         finally:
             if not issued:
                 await session.aclose()
@@ -223,59 +320,113 @@ class McpEndpoint:
         sink: ResponseSink,
         session: FederatedSession,
         parsed: Request,
-        message: dict[str, Any],
-        issue: Callable[[dict[str, Any]], Headers] | None = None,
+        bound: float,
+        *,
+        prime: bool,
+        issue: Issue | None = None,
     ) -> None:
-        """Submit one request; answer with JSON if the response comes first, else stream SSE events.
+        """Submit one request, answered within ``bound`` seconds, and answer it from its stream (see ``_answer``)."""
+        params = parsed.params if isinstance(parsed.params, dict) else {}
+        meta = params.get("_meta")
+        progress_token = meta.get("progressToken") if isinstance(meta, dict) else None
+        try:
+            stream = session.open_request(parsed.id, progress_token, bound)
+        except RequestIdInUse as exc:
+            await _send_json(sink, 200, error_response(parsed.id, ErrorCode.INVALID_REQUEST, str(exc)))
+            return
+        reader = session.attach(stream)
+        try:
+            await session.submit(parsed.raw)
+            await self._answer(sink, stream, reader, parsed.id, prime, issue)
+        finally:
+            # A client gone mid-stream may resume it: the session keeps it (and the request) for a while.
+            session.detach(stream, reader)
+
+    async def _answer(
+        self,
+        sink: ResponseSink,
+        stream: EventStream,
+        reader: int,
+        request_id: Any,
+        prime: bool,
+        issue: Issue | None,
+    ) -> None:
+        """JSON if the response comes first (and, with ``prime``, within ``sse_after``), else SSE events.
 
         With ``issue`` (initialize), the head waits for the final response, since the session id it
         carries only exists once the targets answered; earlier messages are held back until then.
         """
-        params = parsed.params if isinstance(parsed.params, dict) else {}
-        meta = params.get("_meta")
-        token = meta.get("progressToken") if isinstance(meta, dict) else None
-        stream = session.open_request(parsed.id, token)
+        cursor = 0
         streaming = False
-        answered = False
-        held: list[dict[str, Any]] = []
-        try:
-            with anyio.move_on_after(self.request_timeout):
-                await session.submit(message)
-                async for item in stream:
-                    final = "method" not in item and item.get("id") == parsed.id
-                    if not final and issue is not None:
-                        if len(held) < _MAX_HELD:
-                            held.append(item)
-                        continue
-                    answered = final
-                    if final and not streaming and not held:
-                        await _send_json(sink, 200, item, issue(item) if issue is not None else None)
-                        return
-                    if not streaming:
-                        streaming = True
-                        headers = issue(item) if issue is not None else []
-                        await sink.start(200, [_SSE, _NO_CACHE, *headers], None, b"", False)
-                        for early in held:
-                            await sink.write(_event(early))
-                    await sink.write(_event(item))
-                    if final:
-                        await sink.end([])
-                        return
-            # Timed out, or the session closed under the request.
-            failure = error_response(parsed.id, ErrorCode.INTERNAL_ERROR, "MCP request timed out or session closed")
-            if streaming:
-                await sink.write(_event(failure))
-                await sink.end([])
+        held: list[StreamEvent] = []
+        while True:
+            batch: list[StreamEvent] | None = None
+            if prime and not streaming:
+                with anyio.move_on_after(self.sse_after):
+                    batch = await stream.next(cursor, reader)
+                if batch is None:  # a slow answer: stream now, so that a broken connection can resume
+                    streaming = True
+                    await self._start_stream(sink, stream, [], prime)
+                    continue
             else:
-                await _send_json(sink, 200, failure)
-        finally:
-            session.close_request(parsed.id)
-            if not answered:
-                session.abandon(parsed.id)
+                batch = await stream.next(cursor, reader)
+            if not batch:
+                await self._unanswered(sink, stream, reader, request_id, streaming)
+                return
+            for event in batch:
+                cursor = event.seq
+                if issue is not None and not event.final:
+                    if len(held) < _MAX_HELD:
+                        held.append(event)
+                    continue
+                data, extra = event.data, []
+                if event.final and issue is not None:
+                    message, extra = issue(event.message)
+                    if message is not event.message:
+                        data = encode(message)
+                if event.final and not streaming and not held:
+                    await _send_body(sink, 200, data, extra)
+                    return
+                if not streaming:
+                    streaming = True
+                    await self._start_stream(sink, stream, extra, prime)
+                    for early in held:
+                        await sink.write(_event(stream, early.seq, early.data))
+                await sink.write(_event(stream, event.seq, data))
+                if event.final:
+                    await sink.end([])
+                    return
+
+    async def _start_stream(self, sink: ResponseSink, stream: EventStream, extra: Headers, prime: bool) -> None:
+        stream.exposed = True  # ids go out from here on: the session keeps the stream for resumption
+        head = _priming(stream, self.retry_ms) if prime else b""
+        await sink.start(200, [_SSE, _NO_CACHE, *extra], None, head, False)
+
+    @staticmethod
+    async def _unanswered(
+        sink: ResponseSink, stream: EventStream, reader: int, request_id: Any, streaming: bool
+    ) -> None:
+        """The stream ended without the response: the session closed, a resumed GET took it over, or
+        the client cancelled the request (no response then, as the spec asks)."""
+        if stream.reader != reader and streaming:
+            await sink.end([])  # the client reads the rest on the resumed stream
+            return
+        if stream.cancelled:
+            if not streaming:
+                await sink.start(200, [_SSE, _NO_CACHE], None, b"", False)
+            await sink.end([])
+            return
+        failure = error_response(request_id, ErrorCode.INTERNAL_ERROR, "MCP session closed before the answer")
+        if streaming:
+            await sink.write(b"event: message\ndata: " + encode(failure) + b"\n\n")
+            await sink.end([])
+        else:
+            await _send_json(sink, 200, failure)
 
     # --- GET -----------------------------------------------------------------------------------
     async def _get(self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster) -> None:
-        """The standalone stream: server messages not tied to a request, until the session ends."""
+        """The standalone stream (server messages not tied to a request) until the session ends, or a
+        resumed stream (Last-Event-ID)."""
         refused = check_accept_get(_header(request.headers, b"accept"))
         if refused is not None:
             raise _Reject.of(refused)
@@ -283,14 +434,44 @@ class McpEndpoint:
         if isinstance(version, HeaderError):
             raise _Reject.of(version)
         session = await self._session(cluster, _header(request.headers, b"mcp-session-id"))
-        stream = session.open_listener()
+        last_event_id = _header(request.headers, b"last-event-id")
+        if last_event_id is None:
+            stream, cursor = session.open_standalone(), 0
+        else:
+            stream, cursor = self._resumed(session, last_event_id)
+        reader = session.attach(stream)
         try:
-            await sink.start(200, [_SSE, _NO_CACHE], None, b"", False)
-            async for item in stream:
-                await sink.write(_event(item))
+            head = b""
+            if not stream.exposed and version in _PRIMING_VERSIONS:
+                stream.exposed = True
+                head = _priming(stream, self.retry_ms)
+            await sink.start(200, [_SSE, _NO_CACHE], None, head, False)
+            while batch := await stream.next(cursor, reader):
+                stream.exposed = True
+                for event in batch:
+                    await sink.write(_event(stream, event.seq, event.data))
+                cursor = batch[-1].seq
             await sink.end([])
         finally:
-            session.close_listener(stream)
+            session.detach(stream, reader)
+
+    @staticmethod
+    def _resumed(session: FederatedSession, last_event_id: str) -> tuple[EventStream, int]:
+        """The stream a Last-Event-ID names and the position to replay from; see the module docstring."""
+        position = parse_event_id(last_event_id)
+        if position is None:
+            raise _Reject.jsonrpc(400, "Bad Request: Last-Event-ID is not an event id of this gateway")
+        stream = session.stream(position.stream)
+        if stream is not None:
+            return stream, position.seq
+        if position.of_request:
+            message = (
+                "Bad Request: the stream of this Last-Event-ID cannot be resumed here "
+                "(its replay window passed, or another gateway worker holds it)"
+            )
+            raise _Reject.jsonrpc(400, message)
+        log.debug("mcp_standalone_stream_restarted", backend=session.cluster.name, stream=position.stream)
+        return session.open_standalone(), 0
 
     # --- DELETE --------------------------------------------------------------------------------
     async def _delete(self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster) -> None:
@@ -298,32 +479,74 @@ class McpEndpoint:
         await self.sessions.end(session)
         await sink.start(204, [], 0, b"", True)
 
+    # --- legacy HTTP+SSE (2024-11-05) ----------------------------------------------------------
+    async def _legacy_stream(
+        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, path: str
+    ) -> None:
+        refused = check_accept_get(_header(request.headers, b"accept"))
+        if refused is not None:
+            raise _Reject.of(refused)
+        await self.legacy.stream(sink, cluster, path[: -len("/sse")] + "/message")
 
-def _event(message: dict[str, Any]) -> bytes:
-    return b"event: message\ndata: " + encode(message) + b"\n\n"
+    async def _legacy_post(
+        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, query: str, bound: float
+    ) -> None:
+        settings = cluster.mcp
+        assert settings is not None
+        session_id = _query_value(query, "sessionId") or _query_value(query, "session_id")
+        if not session_id:
+            raise _Reject.jsonrpc(400, "Bad Request: the sessionId query parameter is required")
+        try:
+            link = self.legacy.find(cluster, session_id)
+        except LegacyRefusal as refusal:
+            raise _Reject.jsonrpc(refusal.status, refusal.message) from None
+        refused = check_content_type(_header(request.headers, b"content-type"))
+        if refused is not None:
+            raise _Reject.of(refused)
+        parsed = parse_message(await _read_body(request, settings.max_body_bytes, bound))
+        if isinstance(parsed, InvalidMessage):
+            await _send_json(sink, 400, parsed.to_response())
+            return
+        await self.legacy.submit(link, parsed, bound)
+        await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
 
 
-async def _read_body(request: ProxyRequest, limit: int) -> bytes:
+def _event(stream: EventStream, seq: int, data: bytes) -> bytes:
+    return b"id: " + stream.event_id(seq).encode("ascii") + b"\nevent: message\ndata: " + data + b"\n\n"
+
+
+def _priming(stream: EventStream, retry_ms: int) -> bytes:
+    """An id and empty data (2025-11-25): the client can resume from here before any message came."""
+    return b"id: " + stream.event_id(0).encode("ascii") + b"\nretry: %d\ndata: \n\n" % retry_ms
+
+
+async def _read_body(request: ProxyRequest, limit: int, bound: float) -> bytes:
+    """The whole body, at most ``limit`` bytes (413) arriving within ``bound`` seconds (408)."""
     if request.content_length is not None and request.content_length > limit:
         raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
     if request.body is None:
         return b""
     chunks: list[bytes] = []
     size = 0
-    while True:
-        data = await request.body.read()
-        if not data:
-            return b"".join(chunks)
-        size += len(data)
-        if size > limit:
-            raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
-        chunks.append(data)
+    with anyio.move_on_after(bound):
+        while True:
+            data = await request.body.read()
+            if not data:
+                return b"".join(chunks)
+            size += len(data)
+            if size > limit:
+                raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
+            chunks.append(data)
+    raise _Reject(408, "Request Timeout: the request body did not arrive in time")
+
+
+async def _send_body(sink: ResponseSink, status: int, body: bytes, extra: Headers | None = None) -> None:
+    headers: Headers = [_JSON, (b"content-length", b"%d" % len(body)), *(extra or [])]
+    await sink.start(status, headers, len(body), body, True)
 
 
 async def _send_json(sink: ResponseSink, status: int, message: dict[str, Any], extra: Headers | None = None) -> None:
-    body = encode(message)
-    headers: Headers = [_JSON, (b"content-length", b"%d" % len(body)), *(extra or [])]
-    await sink.start(status, headers, len(body), body, True)
+    await _send_body(sink, status, encode(message), extra)
 
 
 async def _send_reject(sink: ResponseSink, reject: _Reject) -> None:
@@ -335,4 +558,4 @@ async def _send_reject(sink: ResponseSink, reject: _Reject) -> None:
     await sink.start(reject.status, headers, len(body), body, True)
 
 
-__all__ = ["DEFAULT_REQUEST_TIMEOUT", "McpEndpoint"]
+__all__ = ["DEFAULT_REQUEST_TIMEOUT", "DEFAULT_RETRY_MS", "DEFAULT_SSE_AFTER", "McpEndpoint", "ModernExchange"]

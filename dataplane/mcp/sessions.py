@@ -1,4 +1,4 @@
-"""Per-worker registry of live federated MCP sessions (session era, streamable HTTP downstream).
+"""Per-worker registry of live federated MCP sessions (session era and legacy HTTP+SSE downstream).
 
 A live session is one ``McpFederation``, one ``TargetChannel`` per target, and a pump task per
 channel feeding the federation; it runs in its own task (owning a task group for the pumps and
@@ -8,31 +8,48 @@ reconnect with their upstream session ids, targets without one (stdio, legacy SS
 upstream session with an internal initialize handshake. Idle sessions close after
 ``session_idle_timeout``; DELETE closes the upstream sessions.
 
-Messages for the client are routed to an open stream: a response to the POST of the request it
+Messages for the client go to an ``EventStream``: a response to the stream of the request it
 answers, a progress notification to the request that owns its token, a server-to-client request
-(elicitation, sampling, ping) to the oldest open request stream (the federation does not say which
-call caused it; a tool call waiting on it is the likely one), else the standalone GET stream;
-other notifications to the GET stream, else the oldest request stream. With no stream open they
-are dropped and logged.
+(elicitation, sampling, ping) to the oldest unanswered request (the federation does not say which
+call caused it; a tool call waiting on it is the likely one), else the standalone (GET) stream;
+other notifications to the standalone stream, else the oldest request. With no stream they are
+dropped and logged. A legacy HTTP+SSE session has one stream (``open_funnel``) that takes all.
+
+Resumption (2025-11-25 basic/transports, "Resumability and Redelivery"): events are numbered per
+stream, and their SSE id ``<session instance>.<r|g><stream number>.<seq>`` names the stream, so a
+GET with Last-Event-ID finds it. Each stream keeps its newest events (``ReplayLimits``: count and
+bytes) while a reader is attached and for ``window`` seconds after it detaches; a request whose
+client disconnected stays pending upstream for that window (a disconnect is not a cancel), then
+is cancelled. The instance part is random per ``FederatedSession`` object, so resumption is per
+worker: another worker (or this one after the session closed here) does not know the stream,
+although it resumes the session itself from the token.
+
+Deadlines: every request has one (the endpoint's bound); at the deadline the session answers it
+with a JSON-RPC error on its stream and cancels it upstream, whether or not a client is reading.
 """
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+import math
+import re
+import secrets
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from collections import deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, replace
+from typing import Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
-from anyio.streams.memory import MemoryObjectReceiveStream, MemoryObjectSendStream
 
 from dataplane.config.model import McpStdioTarget, McpStreamableHttpTarget, UpstreamCluster
 from dataplane.mcp.channel import JSON, TargetChannel, TargetClosed, TargetUnavailable
 from dataplane.mcp.federation import Action, FederationConfig, McpFederation, SendToClient
 from dataplane.mcp.http_channel import SESSION_EXPIRED, StreamableHttpChannel
-from dataplane.mcp.jsonrpc import RequestId
+from dataplane.mcp.jsonrpc import ErrorCode, RequestId, encode, error_response
+from dataplane.mcp.modern_channel import ModernTargetChannel, is_modern_only
 from dataplane.mcp.session import SessionClaims, SessionKeyring, SessionRejected, SessionTokenCodec
 from dataplane.mcp.sse_channel import LegacySseChannel
 from dataplane.mcp.stdio import SpawnBackoff, StdioChannel
@@ -43,21 +60,174 @@ log = get_logger("dataplane.mcp.sessions")
 # Bounds on waits that have no configured value: closing a target, a resumed target's handshake.
 CLOSE_TIMEOUT = 5.0
 HANDSHAKE_TIMEOUT = 30.0
-# Messages queued for one client request stream before further notifications are dropped.
-STREAM_BUFFER = 256
+# The HTTP+SSE transport's protocol version, which only a legacy downstream session negotiates.
+LEGACY_PROTOCOL_VERSION: Final = "2024-11-05"
+_EVENT_ID: Final = re.compile(r"([A-Za-z0-9_-]{1,32}\.[rg][0-9]{1,18})\.([0-9]{1,18})")
+
+
+@dataclass(frozen=True, slots=True)
+class ReplayLimits:
+    """What each session keeps of its streams for Last-Event-ID resumption; fixed when the worker starts."""
+
+    events: int = 256  # newest events kept per stream
+    bytes: int = 1 << 20  # encoded bytes kept per stream (the newest event always stays)
+    window: float = 60.0  # seconds a disconnected stream stays resumable
+    retained_streams: int = 64  # disconnected streams kept per session; past it the oldest is forgotten
+
+
+DEFAULT_REPLAY: Final = ReplayLimits()
 
 
 class SessionNotFound(Exception):
     """The session id does not name a live or resumable session (HTTP 404)."""
 
 
-@dataclass(slots=True, eq=False)
-class _Waiter:
-    """One client request in flight: where its messages go."""
+class RequestIdInUse(Exception):
+    """The client reused the id of a request that is still pending in this session."""
 
-    request_id: RequestId
-    progress_token: Any
-    send: MemoryObjectSendStream[JSON]
+
+@dataclass(frozen=True, slots=True)
+class StreamEvent:
+    """One message on a stream: ``data`` is its encoded JSON; ``final`` marks the response ending a request stream."""
+
+    seq: int
+    message: JSON
+    data: bytes
+    final: bool
+
+
+@dataclass(frozen=True, slots=True)
+class EventPosition:
+    """What a Last-Event-ID names: a stream key and the last event the client saw on it."""
+
+    stream: str
+    seq: int
+
+    @property
+    def of_request(self) -> bool:
+        """A request's (POST) stream, as opposed to a standalone (GET) one."""
+        return self.stream[self.stream.rfind(".") + 1] == "r"
+
+
+def parse_event_id(value: str) -> EventPosition | None:
+    """The position a Last-Event-ID names, or None if the gateway never issued such an id."""
+    match = _EVENT_ID.fullmatch(value.strip())
+    if match is None:
+        return None
+    return EventPosition(match[1], int(match[2]))
+
+
+class EventStream:
+    """One SSE stream of a session: a request's, the standalone one, or a legacy session's only one.
+
+    Events are numbered from 1 (0 is the priming event, which carries no message). The newest stay
+    in a buffer bounded by ``ReplayLimits`` so a client that lost the connection resumes after the
+    last id it saw; a stream built with ``keep=False`` (legacy, not resumable) drops them once read.
+    One reader at a time: attaching a newer one (a resumption) ends the older one.
+    """
+
+    __slots__ = (
+        "_bytes",
+        "_changed",
+        "_events",
+        "_keep",
+        "_limits",
+        "_next",
+        "cancelled",
+        "closed",
+        "deadline",
+        "detached_at",
+        "exposed",
+        "finished",
+        "key",
+        "progress_token",
+        "reader",
+        "request_id",
+    )
+
+    def __init__(
+        self,
+        key: str,
+        limits: ReplayLimits,
+        *,
+        request_id: RequestId | None = None,
+        progress_token: Any = None,
+        deadline: float = math.inf,
+        keep: bool = True,
+    ) -> None:
+        self.key = key
+        self.request_id = request_id
+        self.progress_token = progress_token
+        self.deadline = deadline
+        self.finished = False  # the final response is in (request streams)
+        self.closed = False  # nothing more will come: session closed, stream replaced or forgotten
+        self.cancelled = False  # the client cancelled the request: it ends without a response
+        self.exposed = False  # an event id went out, so the client may resume the stream
+        self.reader = 0  # the attached reader's number; 0 when none
+        self.detached_at: float | None = None  # set while kept for resumption without a reader
+        self._limits = limits
+        self._keep = keep
+        self._events: deque[StreamEvent] = deque()
+        self._bytes = 0
+        self._next = 1
+        self._changed = anyio.Event()
+
+    def event_id(self, seq: int) -> str:
+        return f"{self.key}.{seq}"
+
+    @property
+    def last_seq(self) -> int:
+        return self._next - 1
+
+    def append(self, message: JSON, *, final: bool = False) -> None:
+        """Number and keep one message, evicting the oldest past the bounds, and wake the reader."""
+        if self.closed or self.finished:
+            return
+        data = encode(message)
+        events = self._events
+        events.append(StreamEvent(self._next, message, data, final))
+        self._next += 1
+        self._bytes += len(data)
+        limits = self._limits
+        while len(events) > 1 and (len(events) > limits.events or self._bytes > limits.bytes):
+            self._bytes -= len(events.popleft().data)
+        if final:
+            self.finished = True
+        self.notify()
+
+    def since(self, seq: int) -> list[StreamEvent]:
+        """The kept events after ``seq`` (from the oldest kept one if some were evicted)."""
+        events = self._events
+        if not events or events[-1].seq <= seq:
+            return []
+        return list(itertools.islice(events, max(seq + 1 - events[0].seq, 0), None))
+
+    async def next(self, cursor: int, reader: int) -> list[StreamEvent]:
+        """The events after ``cursor``, waiting for some; [] once the stream ended for this reader
+        (finished and read, closed, or taken over by a newer reader)."""
+        while self.reader == reader:
+            batch = self.since(cursor)
+            if batch:
+                if batch[0].seq > cursor + 1:
+                    log.warning("mcp_stream_events_lost", stream=self.key, lost=batch[0].seq - cursor - 1)
+                if not self._keep:
+                    self._events.clear()
+                    self._bytes = 0
+                return batch
+            if self.closed or self.finished:
+                return []
+            await self._changed.wait()
+        return []
+
+    def notify(self) -> None:
+        """Wake the reader (new event, close, or a newer reader took over)."""
+        self._changed.set()
+        self._changed = anyio.Event()
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self.notify()
 
 
 @dataclass(slots=True, eq=False)
@@ -68,21 +238,32 @@ class FederatedSession:
     federation: McpFederation
     channels: dict[str, TargetChannel]
     idle_timeout: float
+    replay: ReplayLimits = DEFAULT_REPLAY
     token: str | None = None
     claims: SessionClaims | None = None
     last_used: float = field(default_factory=time.monotonic)
-    active: int = 0  # client requests in flight: idle expiry waits for them
+    active: int = 0  # what keeps the session from idling: pending requests, a legacy stream, a resume
     closed: anyio.Event = field(default_factory=anyio.Event)
+    # Random per session object: event ids of another worker's (or an earlier) copy never match here.
+    instance: str = field(default_factory=lambda: secrets.token_urlsafe(6))
     _ready: anyio.Event = field(default_factory=anyio.Event)
     _tasks: TaskGroup | None = None
     _runner: asyncio.Task[None] | None = None
-    _waiters: list[_Waiter] = field(default_factory=list)
-    _listener: MemoryObjectSendStream[JSON] | None = None
-    _listener_end: MemoryObjectReceiveStream[JSON] | None = None
+    _numbers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _readers: Iterator[int] = field(default_factory=lambda: itertools.count(1))
+    _streams: dict[str, EventStream] = field(default_factory=dict)  # resumable streams by key
+    _requests: list[EventStream] = field(default_factory=list)  # unanswered requests, oldest first
+    _retained: list[EventStream] = field(default_factory=list)  # detached but resumable, oldest first
+    _standalone: EventStream | None = None
+    _funnel: EventStream | None = None
+    _watch_wake: anyio.Event = field(default_factory=anyio.Event)
     _send_locks: dict[str, anyio.Lock] = field(default_factory=dict)
     _closing: bool = False
     _closer: asyncio.Task[None] | None = None
     on_closed: Callable[[FederatedSession], None] | None = None
+    # Builds the 2026-07-28 channel for a target found to speak only that era (see _modern_only_swap).
+    to_modern: Callable[[str], TargetChannel] | None = None
+    _initializing: dict[str, JSON] = field(default_factory=dict)  # initialize sent per target, until answered
 
     # --- life cycle ---------------------------------------------------------------------------
     async def start(self, handshake: tuple[str, ...] = ()) -> None:
@@ -96,54 +277,78 @@ class FederatedSession:
         self.active += 1  # not idle while resuming
         try:
             for name in handshake:
-                await self._handshake(self.channels[name])
+                await self._handshake(name)
         except (TargetUnavailable, TargetClosed, TimeoutError) as exc:
             await self.aclose(end_upstream=False)
             raise SessionNotFound(f"cannot resume the session: {exc}") from exc
         finally:
             self.active -= 1
             self.last_used = time.monotonic()
-        for name, channel in self.channels.items():
+        for name in self.channels:
             self._send_locks[name] = anyio.Lock()
-            self._tasks.start_soon(self._pump, name, channel)
+            self._tasks.start_soon(self._pump, name)
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as tasks:
             self._tasks = tasks
             self._ready.set()
             tasks.start_soon(self._expire_when_idle)
+            tasks.start_soon(self._watch_streams)
             await self.closed.wait()
             tasks.cancel_scope.cancel()
 
     async def _expire_when_idle(self) -> None:
         while not self._closing:
-            # While requests run, closing one touches last_used, so there is no need to look sooner.
+            # While requests run, settling one touches last_used, so there is no need to look sooner.
             left = self.last_used + self.idle_timeout - time.monotonic()
             await anyio.sleep(self.idle_timeout if self.active else max(left, 0.05))
             if self.active == 0 and time.monotonic() - self.last_used >= self.idle_timeout:
                 log.info("mcp_session_idle", backend=self.cluster.name)
-                self._close_soon(end_upstream=False)
+                self.close_soon(end_upstream=False)
                 return
 
-    def _close_soon(self, *, end_upstream: bool = True) -> None:
+    async def _watch_streams(self) -> None:
+        """Answer requests at their deadline; forget disconnected streams once the replay window passed."""
+        while True:
+            now = time.monotonic()
+            for stream in [s for s in self._requests if s.deadline <= now]:
+                self._expire(stream)
+            while (retained_until := self._retention_end()) <= now:
+                self._forget(self._retained[0])
+            wake_at = min(retained_until, min((s.deadline for s in self._requests), default=math.inf))
+            self._watch_wake = nudge = anyio.Event()
+            with anyio.move_on_after(wake_at - now):
+                await nudge.wait()
+
+    def _retention_end(self) -> float:
+        """When the oldest disconnected stream stops being resumable (inf if there is none)."""
+        detached_at = self._retained[0].detached_at if self._retained else None
+        return math.inf if detached_at is None else detached_at + self.replay.window
+
+    def close_soon(self, *, end_upstream: bool = True) -> None:
         """Close from inside the session's own tasks (which ``aclose`` waits for) without deadlock."""
         if not self._closing:
             self._closer = asyncio.get_running_loop().create_task(self.aclose(end_upstream=end_upstream))
 
-    async def _handshake(self, channel: TargetChannel) -> None:
+    async def _handshake(self, name: str) -> None:
         """Ready a resumed target: a fresh upstream session where it has no session id (stdio, legacy
-        SSE), else a ping proving its upstream session still lives (a DELETEd or expired one answers
-        404, so the gateway answers 404 too rather than serving a dead session)."""
+        SSE, a 2026-07-28-only target), else a ping proving its upstream session still lives (a DELETEd
+        or expired one answers 404, so the gateway answers 404 too rather than serving a dead session)."""
+        channel = self.channels[name]
         if channel.session_id is not None:
             await self._call(channel, "ping", {})
             return
         version = self.claims.protocol_version if self.claims is not None else "2025-06-18"
         params = {"protocolVersion": version, "capabilities": {}, "clientInfo": {"name": "agentgate", "version": "0"}}
-        await self._call(channel, "initialize", params)
-        await channel.send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+        answer = await self._call(channel, "initialize", params, refused_ok=True)
+        if "error" in answer and self._modern_only_swap(name, answer) is not None:
+            answer = await self._call(self.channels[name], "initialize", params, refused_ok=True)
+        if "error" in answer:
+            raise TargetUnavailable(f"MCP target {name!r} refused initialize: {answer['error']}")
+        await self.channels[name].send({"jsonrpc": "2.0", "method": "notifications/initialized"})
 
     @staticmethod
-    async def _call(channel: TargetChannel, method: str, params: JSON) -> None:
+    async def _call(channel: TargetChannel, method: str, params: JSON, *, refused_ok: bool = False) -> JSON:
         """One request straight to a channel (before the pumps run), its answer awaited with a bound."""
         with anyio.fail_after(HANDSHAKE_TIMEOUT):
             await channel.send({"jsonrpc": "2.0", "id": "gw-resume", "method": method, "params": params})
@@ -151,8 +356,21 @@ class FederatedSession:
                 answer = await channel.receive()
                 if answer.get("id") == "gw-resume" and "method" not in answer:
                     break
-        if "error" in answer:
+        if "error" in answer and not refused_ok:
             raise TargetUnavailable(f"MCP target {channel.target!r} refused {method}: {answer['error']}")
+        return answer
+
+    def _modern_only_swap(self, name: str, answer: JSON) -> TargetChannel | None:
+        """A streamable-HTTP target that refused a session-era initialize because it speaks only
+        2026-07-28 gets a ModernTargetChannel instead (the federation never notices); None otherwise."""
+        old = self.channels.get(name)
+        if self.to_modern is None or not isinstance(old, StreamableHttpChannel) or not is_modern_only(answer):
+            return None
+        log.info("mcp_target_modern_only", backend=self.cluster.name, target=name)
+        channel = self.channels[name] = self.to_modern(name)
+        if self._tasks is not None:
+            self._tasks.start_soon(old.aclose)
+        return channel
 
     async def aclose(self, *, end_upstream: bool = True) -> None:
         """Stop the session's tasks; ``end_upstream`` also ends the upstream HTTP sessions (DELETE),
@@ -163,10 +381,10 @@ class FederatedSession:
         self._closing = True
         if self.on_closed is not None:
             self.on_closed(self)
-        for waiter in self._waiters:
-            waiter.send.close()
-        if self._listener is not None:
-            self._listener.close()
+        for stream in (*self._requests, *self._streams.values()):
+            stream.close()
+        if self._funnel is not None:
+            self._funnel.close()
         with anyio.CancelScope(shield=True):
             for channel in self.channels.values():
                 with anyio.move_on_after(CLOSE_TIMEOUT):
@@ -182,56 +400,155 @@ class FederatedSession:
     def is_closed(self) -> bool:
         return self._closing
 
-    # --- client side --------------------------------------------------------------------------
-    def open_request(self, request_id: RequestId, progress_token: Any) -> MemoryObjectReceiveStream[JSON]:
-        """Register a client request before submitting it; its messages arrive on the returned stream."""
-        send, receive = anyio.create_memory_object_stream[JSON](STREAM_BUFFER)
-        self._waiters.append(_Waiter(request_id, progress_token, send))
-        self.active += 1
-        return receive
+    # --- client side: streams -------------------------------------------------------------------
+    def _new_key(self, kind: str) -> str:
+        return f"{self.instance}.{kind}{next(self._numbers)}"
 
-    def open_listener(self) -> MemoryObjectReceiveStream[JSON]:
-        """The standalone (GET) stream; a newer one replaces an older one, which ends."""
-        if self._listener is not None:
-            self._listener.close()
-        send, receive = anyio.create_memory_object_stream[JSON](STREAM_BUFFER)
+    def open_request(self, request_id: RequestId, progress_token: Any, timeout: float) -> EventStream:
+        """Register a client request before submitting it; its messages go to the returned stream, and
+        ``timeout`` seconds from now the session answers it with an error. RequestIdInUse if pending."""
+        if any(stream.request_id == request_id for stream in self._requests):
+            raise RequestIdInUse(f"request id {request_id!r} is already in use")
+        stream = EventStream(
+            self._new_key("r"),
+            self.replay,
+            request_id=request_id,
+            progress_token=progress_token,
+            deadline=time.monotonic() + timeout,
+        )
         if self._closing:
-            send.close()
-        self._listener, self._listener_end = send, receive
-        return receive
+            stream.close()
+            return stream
+        self._requests.append(stream)
+        if self._funnel is None:
+            self._streams[stream.key] = stream
+        self.active += 1
+        self._watch_wake.set()
+        return stream
 
-    def close_listener(self, receive: MemoryObjectReceiveStream[JSON]) -> None:
-        receive.close()
-        if self._listener_end is receive:
-            self._listener = self._listener_end = None
+    def open_standalone(self) -> EventStream:
+        """A fresh standalone (GET) stream; it replaces the previous one, whose reader ends."""
+        if self._standalone is not None:
+            self._forget(self._standalone)
+        stream = EventStream(self._new_key("g"), self.replay)
+        if self._closing:
+            stream.close()
+            return stream
+        self._streams[stream.key] = stream
+        self._standalone = stream
+        return stream
 
-    def close_request(self, request_id: RequestId) -> None:
-        for waiter in self._waiters:
-            if waiter.request_id == request_id:
-                self._waiters.remove(waiter)
-                waiter.send.close()
-                self.active -= 1
-                self.last_used = time.monotonic()
-                return
+    @property
+    def requests_pending(self) -> int:
+        return len(self._requests)
 
-    async def submit(self, message: JSON) -> None:
-        """Hand one client message to the federation and carry out what it decides."""
+    def end_standalone(self) -> None:
+        """End the standalone stream (a draining worker): the client reopens it, on another worker."""
+        if self._standalone is not None:
+            self._forget(self._standalone)
+
+    def open_funnel(self) -> EventStream:
+        """Legacy HTTP+SSE: the one stream every message for the client goes to; it keeps the session
+        alive (no idle expiry) and keeps no event once read (that transport cannot resume)."""
+        stream = EventStream(self._new_key("l"), self.replay, keep=False)
+        if self._closing:
+            stream.close()
+            return stream
+        self._funnel = stream
+        self.active += 1
+        return stream
+
+    def stream(self, key: str) -> EventStream | None:
+        """The resumable stream of that key (see ``parse_event_id``), if this session object still has it."""
+        return self._streams.get(key)
+
+    def attach(self, stream: EventStream) -> int:
+        """Become the stream's reader (a previous reader ends); returns the number ``next`` and
+        ``detach`` take."""
+        reader = next(self._readers)
+        stream.reader = reader
+        if stream.detached_at is not None:
+            stream.detached_at = None
+            self._retained.remove(stream)
+        stream.notify()
+        return reader
+
+    def detach(self, stream: EventStream, reader: int) -> None:
+        """The reader is done (its client got the end, or went away). A stream whose event ids the
+        client saw stays resumable for the replay window (an unanswered request stays pending
+        upstream meanwhile); one it never saw an id of is forgotten now, cancelling what it waits for."""
+        if stream.reader != reader:
+            return
+        stream.reader = 0
+        if self._closing or stream.closed:
+            return
+        if not stream.exposed:
+            self._forget(stream)
+            return
+        stream.detached_at = time.monotonic()
+        self._retained.append(stream)
+        if len(self._retained) > self.replay.retained_streams:
+            self._forget(self._retained[0])
+        self._watch_wake.set()
+
+    def _forget(self, stream: EventStream) -> None:
+        """Drop a stream for good; a request nobody can receive the answer of any more is cancelled."""
+        self._streams.pop(stream.key, None)
+        if stream.detached_at is not None:
+            stream.detached_at = None
+            self._retained.remove(stream)
+        if stream is self._standalone:
+            self._standalone = None
+        if stream in self._requests:
+            self._requests.remove(stream)
+            self._settled()
+            self._cancel_upstream(stream.request_id, "the client went away")
+        stream.close()
+
+    def _settled(self) -> None:
+        self.active -= 1
         self.last_used = time.monotonic()
-        self._act(self.federation.receive_from_client(message))
 
-    def abandon(self, request_id: RequestId) -> None:
-        """The client stopped waiting (timeout, disconnect): cancel the request upstream and forget it,
-        so a late answer is dropped by the federation instead of looking for a stream."""
-        params = {"requestId": request_id, "reason": "the client stopped waiting"}
+    def _expire(self, stream: EventStream) -> None:
+        """A request reached its deadline: answer it with an error and cancel it upstream."""
+        self._requests.remove(stream)
+        self._settled()
+        failure = error_response(stream.request_id, ErrorCode.INTERNAL_ERROR, "MCP request timed out")
+        self._deliver(stream, failure)
+        self._cancel_upstream(stream.request_id, "the request timed out")
+
+    def _cancel_upstream(self, request_id: RequestId | None, reason: str) -> None:
+        """Tell the federation the client stopped waiting, so it cancels upstream and drops a late answer."""
+        params = {"requestId": request_id, "reason": reason}
         self._act(
             self.federation.receive_from_client(
                 {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
             )
         )
 
+    async def submit(self, message: JSON) -> None:
+        """Hand one client message to the federation and carry out what it decides."""
+        self.last_used = time.monotonic()
+        if message.get("method") == "notifications/cancelled":
+            self._client_cancelled(message.get("params"))
+        self._act(self.federation.receive_from_client(message))
+
+    def _client_cancelled(self, params: Any) -> None:
+        """The client cancelled a request: end its stream with no response, which the spec says a
+        receiver of a cancellation should not send."""
+        request_id = params.get("requestId") if isinstance(params, dict) else None
+        stream = next((s for s in self._requests if s.request_id == request_id), None)
+        if stream is None:
+            return
+        self._requests.remove(stream)
+        self._settled()
+        stream.cancelled = True
+        stream.close()
+
     # --- target side --------------------------------------------------------------------------
-    async def _pump(self, name: str, channel: TargetChannel) -> None:
+    async def _pump(self, name: str) -> None:
         while True:
+            channel = self.channels[name]  # re-read: a modern-only target's channel is replaced once
             try:
                 message = await channel.receive()
             except (TargetClosed, TargetUnavailable) as exc:
@@ -240,6 +557,13 @@ class FederatedSession:
                     if isinstance(exc, TargetClosed):
                         self._target_gone(name, exc)
                 return
+            sent = self._initializing.get(name)
+            if sent is not None and "method" not in message and message.get("id") == sent.get("id"):
+                del self._initializing[name]
+                if "error" in message and self._modern_only_swap(name, message) is not None:
+                    assert self._tasks is not None
+                    self._tasks.start_soon(self._send, name, sent)  # the same initialize, now over discover
+                    continue
             self._act(self.federation.receive_from_target(name, message))
 
     async def _send(self, name: str, message: JSON) -> None:
@@ -247,9 +571,11 @@ class FederatedSession:
         if channel is None:
             self._act(self.federation.target_failed(name, f"MCP target {name!r} is not connected"))
             return
+        if message.get("method") == "initialize":
+            self._initializing[name] = message
         try:
             async with self._send_locks[name]:
-                await channel.send(message)
+                await self.channels[name].send(message)
         except (TargetUnavailable, TargetClosed) as exc:
             log.warning("mcp_target_failed", backend=self.cluster.name, target=name, error=str(exc))
             self._act(self.federation.target_failed(name, str(exc) or f"MCP target {name!r} failed"))
@@ -261,7 +587,7 @@ class FederatedSession:
         answers 404 if the upstream really forgot it, so the client re-initializes."""
         if str(exc) == SESSION_EXPIRED:
             log.info("mcp_upstream_session_expired", backend=self.cluster.name, target=name)
-            self._close_soon()
+            self.close_soon()
 
     def _act(self, actions: list[Action]) -> None:
         for action in actions:
@@ -272,69 +598,109 @@ class FederatedSession:
                 self._tasks.start_soon(self._send, action.target, action.message)
 
     def _to_client(self, message: JSON) -> None:
-        stream = self._route(message)
-        if stream is None:
-            log.info("mcp_client_message_dropped", backend=self.cluster.name, method=message.get("method"))
-            return
-        try:
-            stream.send_nowait(message)
-        except (anyio.WouldBlock, anyio.ClosedResourceError, anyio.BrokenResourceError):
-            log.warning("mcp_client_message_dropped", backend=self.cluster.name, method=message.get("method"))
-
-    def _route(self, message: JSON) -> MemoryObjectSendStream[JSON] | None:
         if "method" not in message:
             request_id = message.get("id")
-            return next((w.send for w in self._waiters if w.request_id == request_id), None)
-        oldest = self._waiters[0].send if self._waiters else None
+            stream = next((s for s in self._requests if s.request_id == request_id), None)
+            if stream is None:
+                log.info("mcp_client_response_dropped", backend=self.cluster.name, id=request_id)
+                return
+            self._requests.remove(stream)
+            self._settled()
+            self._deliver(stream, message)
+            return
+        target = self._funnel or self._route(message)
+        if target is None:
+            log.info("mcp_client_message_dropped", backend=self.cluster.name, method=message.get("method"))
+            return
+        target.append(message)
+
+    def _deliver(self, stream: EventStream, response: JSON) -> None:
+        """The final response of a request: on its own stream, or a legacy session's only one."""
+        if self._funnel is None:
+            stream.append(response, final=True)
+            return
+        self._funnel.append(response)
+        stream.close()
+
+    def _route(self, message: JSON) -> EventStream | None:
+        oldest = self._requests[0] if self._requests else None
         if "id" in message:
-            return oldest or self._listener
+            return oldest or self._standalone
         if message["method"] == "notifications/progress":
             params = message.get("params")
             token = params.get("progressToken") if isinstance(params, dict) else None
-            found = next((w.send for w in self._waiters if w.progress_token == token), None)
-            if found is not None:
-                return found
-        return self._listener or oldest
+            if token is not None:
+                found = next((s for s in self._requests if s.progress_token == token), None)
+                if found is not None:
+                    return found
+        return self._standalone or oldest
 
 
 class McpSessions:
     """The live sessions of one worker, keyed by their sealed token."""
 
-    def __init__(self, clock: Any = time.time) -> None:
+    def __init__(self, clock: Any = time.time, replay: ReplayLimits = DEFAULT_REPLAY) -> None:
         self._sessions: dict[str, FederatedSession] = {}
-        # Per backend name, rebuilt when a new config brings a new cluster object (so at most one per backend).
-        self._codecs: dict[str, tuple[UpstreamCluster, SessionTokenCodec, FederationConfig]] = {}
+        # Per backend name, rebuilt when a new config brings a new cluster object (so at most one per backend):
+        # the codec, the federation rules, and the same rules for legacy HTTP+SSE clients (one more version).
+        self._codecs: dict[str, tuple[UpstreamCluster, SessionTokenCodec, FederationConfig, FederationConfig]] = {}
+        self.replay = replay
         self._backoff = SpawnBackoff()
         self._resuming: dict[str, anyio.Lock] = {}
         self._clock = clock
+        # (backend, target) pairs found to speak 2026-07-28 only: later sessions start on the modern channel.
+        self._modern_only: set[tuple[str, str]] = set()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
-    def _compiled(self, cluster: UpstreamCluster) -> tuple[SessionTokenCodec, FederationConfig]:
+    def _compiled(
+        self, cluster: UpstreamCluster, *, legacy: bool = False
+    ) -> tuple[SessionTokenCodec, FederationConfig]:
         """The codec and federation rules of a backend, built once per compiled cluster."""
         entry = self._codecs.get(cluster.name)
         if entry is None or entry[0] is not cluster:
             settings = cluster.mcp
             assert settings is not None
             keyring = SessionKeyring([(key.key_id, key.key) for key in settings.session_keys])
-            entry = (cluster, SessionTokenCodec(keyring, cluster.name), FederationConfig.from_settings(settings))
+            config = FederationConfig.from_settings(settings)
+            versions = (*config.supported_versions, LEGACY_PROTOCOL_VERSION)
+            entry = (
+                cluster,
+                SessionTokenCodec(keyring, cluster.name),
+                config,
+                replace(config, supported_versions=versions),
+            )
             self._codecs[cluster.name] = entry
-        return entry[1], entry[2]
+        return entry[1], entry[3] if legacy else entry[2]
 
     def _build(
-        self, cluster: UpstreamCluster, claims: SessionClaims | None
+        self, cluster: UpstreamCluster, claims: SessionClaims | None, *, legacy: bool = False
     ) -> tuple[FederatedSession, tuple[str, ...]]:
         settings = cluster.mcp
         assert settings is not None
-        _, config = self._compiled(cluster)
+        _, config = self._compiled(cluster, legacy=legacy)
         channels: dict[str, TargetChannel] = {}
         handshake: list[str] = []
-        session = FederatedSession(cluster, McpFederation(config), channels, settings.session_idle_timeout)
+        session = FederatedSession(
+            cluster, McpFederation(config), channels, settings.session_idle_timeout, replay=self.replay
+        )
         session.claims = claims
+
+        def to_modern(name: str) -> TargetChannel:
+            self._modern_only.add((cluster.name, name))
+            target = settings.target(name)
+            assert isinstance(target, McpStreamableHttpTarget)
+            return ModernTargetChannel(target, cluster, max_message_bytes=settings.max_body_bytes)
+
+        session.to_modern = to_modern
         for target in settings.targets:
             upstream_id = claims.upstream(target.name) if claims is not None else None
-            if isinstance(target, McpStreamableHttpTarget):
+            if isinstance(target, McpStreamableHttpTarget) and (cluster.name, target.name) in self._modern_only:
+                channels[target.name] = to_modern(target.name)
+                if claims is not None:
+                    handshake.append(target.name)
+            elif isinstance(target, McpStreamableHttpTarget):
                 version = claims.protocol_version if upstream_id is not None and claims is not None else None
                 channels[target.name] = StreamableHttpChannel(
                     target,
@@ -355,15 +721,22 @@ class McpSessions:
                     handshake.append(target.name)
         return session, tuple(handshake)
 
-    async def create(self, cluster: UpstreamCluster) -> FederatedSession:
-        """A fresh session for an initialize request (the token is issued when its result arrives)."""
-        session, _ = self._build(cluster, None)
+    async def create(self, cluster: UpstreamCluster, *, legacy: bool = False) -> FederatedSession:
+        """A fresh session for an initialize request (the token is issued when its result arrives).
+
+        ``legacy``: for an HTTP+SSE (2024-11-05) client, which may negotiate that version too; such a
+        session gets no token (its stream holds it) and is not registered here.
+        """
+        session, _ = self._build(cluster, None, legacy=legacy)
         session.on_closed = self.discard
         await session.start()
         return session
 
     def issue(self, session: FederatedSession, protocol_version: str) -> str:
-        """Seal the token of a session whose initialize succeeded, and register it."""
+        """Seal the token of a session whose initialize succeeded, and register it.
+
+        Raises SessionTokenTooLong when the upstream session ids do not fit in a token.
+        """
         codec, _ = self._compiled(session.cluster)
         upstream = [(name, channel.session_id) for name, channel in session.channels.items()]
         claims = codec.new_claims(protocol_version, upstream, now=self._clock())
@@ -407,6 +780,12 @@ class McpSessions:
         """DELETE: close the upstream sessions and forget the session here."""
         self.discard(session)
         await session.aclose()
+
+    def end_streams(self) -> None:
+        """A draining worker ends the standing GET streams, which would otherwise hold its connections
+        open until the drain deadline; requests in flight finish."""
+        for session in self._sessions.values():
+            session.end_standalone()
 
     async def aclose(self) -> None:
         """Close every session (worker shutdown); upstream sessions stay for other workers to resume."""
@@ -456,4 +835,16 @@ class _LazyStdio:
             await self._channel.aclose()
 
 
-__all__ = ["FederatedSession", "McpSessions", "SessionNotFound"]
+__all__ = [
+    "DEFAULT_REPLAY",
+    "LEGACY_PROTOCOL_VERSION",
+    "EventPosition",
+    "EventStream",
+    "FederatedSession",
+    "McpSessions",
+    "ReplayLimits",
+    "RequestIdInUse",
+    "SessionNotFound",
+    "StreamEvent",
+    "parse_event_id",
+]

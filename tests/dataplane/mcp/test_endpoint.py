@@ -31,8 +31,18 @@ ACCEPT_BOTH = "application/json, text/event-stream"
 POST_HEADERS = {"accept": ACCEPT_BOTH, "content-type": "application/json"}
 
 
-def mcp_config(port: int, http_port: int, *, max_body: int = 0) -> RuntimeConfig:
-    backend = pb.Backend(name="default/mcp", mcp=pb.McpBackend(session_keys=[KEY]))
+def mcp_config(
+    port: int,
+    http_port: int,
+    *,
+    max_body: int = 0,
+    request_timeout: float | None = None,
+    allowed_origins: tuple[str, ...] = (),
+    stdio: bool = True,
+) -> RuntimeConfig:
+    backend = pb.Backend(
+        name="default/mcp", mcp=pb.McpBackend(session_keys=[KEY], allowed_origins=list(allowed_origins))
+    )
     if max_body:
         backend.mcp.max_request_body_bytes = max_body
     web = pb.Target(
@@ -48,7 +58,9 @@ def mcp_config(port: int, http_port: int, *, max_body: int = 0) -> RuntimeConfig
         backend="default/mcp",
         mcp=pb.McpServer(name="local", stdio=pb.McpStdioTransport(command=sys.executable, args=[STDIO_SERVER])),
     )
-    return compile_resources(listener(port), backend, web, local, route(backends=[("default/mcp", 1)]))
+    mcp_route = route(backends=[("default/mcp", 1)], request_timeout=request_timeout)
+    targets = (web, local) if stdio else (web,)
+    return compile_resources(listener(port), backend, *targets, mcp_route)
 
 
 @asynccontextmanager
@@ -177,6 +189,30 @@ async def test_the_get_stream_is_open_until_the_session_is_deleted(http_target: 
         assert gone.status_code == 404
 
 
+async def test_a_draining_worker_ends_the_get_stream_instead_of_waiting_for_the_deadline(http_target: int) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    async with gateway(mcp_config(port, http_target, stdio=False)) as server, httpx.AsyncClient(timeout=30) as client:
+        session = await initialize(client, url)
+        headers = {"accept": "text/event-stream", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+        opened = anyio.Event()
+        ended: list[int] = []
+
+        async def listen() -> None:
+            async with client.stream("GET", url, headers=headers) as stream:
+                opened.set()
+                await stream.aread()
+                ended.append(stream.status_code)
+
+        # A drain deadline of 60 s: the shutdown must finish long before it, with the stream ended cleanly.
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(listen)
+                await opened.wait()
+                await server.shutdown(60)
+        assert ended == [200]
+
+
 async def test_bad_input_gets_the_protocol_errors(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
@@ -237,3 +273,136 @@ async def test_an_unanswered_elicitation_streams_then_times_out_cleanly(http_tar
         answer = await client.post(url, json=add, headers=headers)
         # It may carry, on an SSE stream, the target's cancellation of its abandoned elicitation first.
         assert messages(answer)[-1]["result"]["content"][0]["text"] == "3"
+
+
+async def test_allowed_origins_apply_to_the_streamable_and_the_legacy_paths(http_target: int) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    config = mcp_config(port, http_target, allowed_origins=("https://app.example",))
+    async with gateway(config), httpx.AsyncClient(timeout=30) as client:
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+        listed = await client.post(url, json=body, headers={**POST_HEADERS, "origin": "https://app.example"})
+        assert listed.status_code == 200 and "mcp-session-id" in listed.headers
+        assert (await client.post(url, json=body, headers=POST_HEADERS)).status_code == 200  # no Origin: not a browser
+        refused = await client.post(url, json=body, headers={**POST_HEADERS, "origin": "https://evil.example"})
+        assert refused.status_code == 403 and refused.json()["error"]["code"] == -32600
+        # With a list configured, the request's own host is not implied.
+        same_host = await client.post(url, json=body, headers={**POST_HEADERS, "origin": f"http://127.0.0.1:{port}"})
+        assert same_host.status_code == 403
+
+        sse = f"{url}/sse"
+        stream_headers = {"accept": "text/event-stream"}
+        assert (await client.get(sse, headers={**stream_headers, "origin": "https://evil.example"})).status_code == 403
+        message = await client.post(f"{url}/message?sessionId=x", json=body, headers={"origin": "https://evil.example"})
+        assert message.status_code == 403
+        with anyio.fail_after(30):
+            for origin in ({"origin": "https://app.example"}, {}):
+                async with client.stream("GET", sse, headers={**stream_headers, **origin}) as response:
+                    assert response.status_code == 200
+                    first = await anext(response.aiter_bytes())
+                    assert first.startswith(b"event: endpoint\ndata: /mcp/message?sessionId=")
+
+
+async def test_the_route_timeout_bounds_posts_but_not_the_get_stream(http_target: int) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/mcp"
+    config = mcp_config(port, http_target, request_timeout=1.0, stdio=False)
+    async with gateway(config), httpx.AsyncClient(timeout=30) as client:
+        session = await initialize(client, url)
+        headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+        get_headers = {"accept": "text/event-stream", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
+        opened = anyio.Event()
+        ended: list[bytes] = []
+
+        async def listen() -> None:
+            async with client.stream("GET", url, headers=get_headers) as stream:
+                assert stream.status_code == 200
+                opened.set()
+                ended.append(await stream.aread())
+
+        # One target: its tools go unprefixed.
+        params = {"name": "ask", "arguments": {"question": "anyone?"}}
+        ask = {"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": params}
+        with anyio.fail_after(30):
+            async with anyio.create_task_group() as tasks:
+                tasks.start_soon(listen)
+                await opened.wait()
+                # The POST gets its own bound (the route's 1 s): a JSON-RPC error, not a cut connection.
+                answer = await client.post(url, json=ask, headers=headers)
+                assert messages(answer)[-1]["error"]["code"] == -32603
+                assert "timed out" in messages(answer)[-1]["error"]["message"]
+                # The GET stream outlived the route's timeout: it ends cleanly only when the session does.
+                assert (await client.delete(url, headers=headers)).status_code == 204
+        assert ended == [b""]
+
+
+async def test_a_session_id_too_long_to_seal_is_a_json_rpc_error_on_initialize() -> None:
+    deleted: list[str] = []
+    ended = anyio.Event()
+
+    async def long_id_target(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        """A target whose upstream session id is too long for any sealed token."""
+        if scope["type"] == "lifespan":
+            while (event := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            event = await receive()
+            body += event.get("body", b"")
+            if not event.get("more_body"):
+                break
+        headers = {key.decode(): value.decode() for key, value in scope["headers"]}
+        if scope["method"] == "DELETE":
+            deleted.append(headers.get("mcp-session-id", ""))
+            ended.set()
+            await send({"type": "http.response.start", "status": 204, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        message = json.loads(body) if body else {}
+        if scope["method"] != "POST" or "id" not in message:
+            await send({"type": "http.response.start", "status": 202 if scope["method"] == "POST" else 405})
+            await send({"type": "http.response.body", "body": b""})
+            return
+        result = {"protocolVersion": "2025-06-18", "capabilities": {"tools": {}}, "serverInfo": {"name": "long"}}
+        answer = json.dumps({"jsonrpc": "2.0", "id": message["id"], "result": result}).encode()
+        response_headers = [(b"content-type", b"application/json"), (b"mcp-session-id", b"s" * 3000)]
+        await send({"type": "http.response.start", "status": 200, "headers": response_headers})
+        await send({"type": "http.response.body", "body": answer})
+
+    port = free_port()
+    async with (
+        serve(long_id_target) as target_port,
+        gateway(mcp_config(port, target_port)) as server,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
+        body = {
+            "jsonrpc": "2.0",
+            "id": 1,
+            "method": "initialize",
+            "params": {
+                "protocolVersion": "2025-06-18",
+                "capabilities": {},
+                "clientInfo": {"name": "t", "version": "1"},
+            },
+        }
+        with anyio.fail_after(30):
+            response = await client.post(f"http://127.0.0.1:{port}/mcp", json=body, headers=POST_HEADERS)
+        assert response.status_code == 200 and "mcp-session-id" not in response.headers
+        error = response.json()["error"]
+        assert response.json()["id"] == 1 and error["code"] == -32603 and "do not fit" in error["message"]
+        assert len(server._handler.mcp.sessions) == 0
+        # The upstream session opened for it is ended (just after the answer), not leaked.
+        with anyio.fail_after(10):
+            await ended.wait()
+        assert deleted == ["s" * 3000]

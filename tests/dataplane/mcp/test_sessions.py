@@ -58,15 +58,19 @@ def cluster(
 
 async def call(session: FederatedSession, request_id: int, method: str, params: dict[str, Any]) -> dict[str, Any]:
     """One request through the session; its final response (bounded)."""
-    stream = session.open_request(request_id, None)
+    stream = session.open_request(request_id, None, 30)
+    reader = session.attach(stream)
     try:
         with anyio.fail_after(30):
             await session.submit({"jsonrpc": "2.0", "id": request_id, "method": method, "params": params})
-            async for item in stream:
-                if "method" not in item and item.get("id") == request_id:
-                    return item
+            cursor = 0
+            while batch := await stream.next(cursor, reader):
+                for event in batch:
+                    if event.final:
+                        return event.message
+                cursor = batch[-1].seq
     finally:
-        session.close_request(request_id)
+        session.detach(stream, reader)
     raise AssertionError("the session closed before answering")
 
 
