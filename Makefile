@@ -15,7 +15,7 @@ define apt_ensure
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 endef
 
-.PHONY: run test install lint protos bench clean
+.PHONY: run test install lint protos bench bench-mcp clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -54,6 +54,11 @@ protos: install
 bench: install
 	$(call apt_ensure,wrk:wrk h2load:nghttp2-client nginx:nginx-light)
 	$(BIN)/python bench/http_proxy.py
+
+# MCP tools/call through one worker (one target, three federated) vs the server directly vs Envoy.
+bench-mcp: install
+	$(call apt_ensure,wrk:wrk)
+	$(BIN)/python bench/mcp_proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
