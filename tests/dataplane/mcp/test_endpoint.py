@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +15,6 @@ from mcp import Client
 from mcp.types import ElicitResult
 
 from dataplane.config.model import RuntimeConfig
-from dataplane.http.server import ProxyServer
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from tests.conftest import free_port
 from tests.dataplane.peers.config import compile_resources, listener, route
@@ -63,16 +61,6 @@ def mcp_config(
     return compile_resources(listener(port), backend, *targets, mcp_route)
 
 
-@asynccontextmanager
-async def gateway(config: RuntimeConfig) -> AsyncIterator[ProxyServer]:
-    async with running_proxy(config) as server:
-        try:
-            yield server
-        finally:
-            with anyio.fail_after(15):
-                await server._handler.aclose()
-
-
 @pytest.fixture
 async def http_target() -> AsyncIterator[int]:
     async with serve(build_app(build_server(), "streamable")) as port:
@@ -91,7 +79,7 @@ async def test_the_sdk_client_lists_calls_gets_progress_and_elicits_through_two_
         asked.append(params.message)
         return ElicitResult(action="accept", content={"text": "blue"})
 
-    async with gateway(mcp_config(port, http_target)) as server:
+    async with running_proxy(mcp_config(port, http_target)) as server:
         with anyio.fail_after(60):
             async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", elicitation_callback=elicit) as client:
                 tools = {tool.name for tool in (await client.list_tools()).tools}
@@ -137,8 +125,8 @@ async def initialize(client: httpx.AsyncClient, url: str) -> str:
 async def test_a_second_worker_resumes_the_session_with_the_same_keys(http_target: int) -> None:
     first_port, second_port = free_port(), free_port()
     async with (
-        gateway(mcp_config(first_port, http_target)),
-        gateway(mcp_config(second_port, http_target)) as second,
+        running_proxy(mcp_config(first_port, http_target)),
+        running_proxy(mcp_config(second_port, http_target)) as second,
         httpx.AsyncClient(timeout=30) as client,
     ):
         session = await initialize(client, f"http://127.0.0.1:{first_port}/mcp")
@@ -165,7 +153,7 @@ async def test_a_second_worker_resumes_the_session_with_the_same_keys(http_targe
 async def test_the_get_stream_is_open_until_the_session_is_deleted(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
         session = await initialize(client, url)
         headers = {"accept": "text/event-stream", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
         opened = anyio.Event()
@@ -192,7 +180,10 @@ async def test_the_get_stream_is_open_until_the_session_is_deleted(http_target: 
 async def test_a_draining_worker_ends_the_get_stream_instead_of_waiting_for_the_deadline(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target, stdio=False)) as server, httpx.AsyncClient(timeout=30) as client:
+    async with (
+        running_proxy(mcp_config(port, http_target, stdio=False)) as server,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
         session = await initialize(client, url)
         headers = {"accept": "text/event-stream", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
         opened = anyio.Event()
@@ -216,7 +207,7 @@ async def test_a_draining_worker_ends_the_get_stream_instead_of_waiting_for_the_
 async def test_bad_input_gets_the_protocol_errors(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target, max_body=4096)), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target, max_body=4096)), httpx.AsyncClient(timeout=30) as client:
         session = await initialize(client, url)
         headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
 
@@ -250,7 +241,7 @@ async def test_bad_input_gets_the_protocol_errors(http_target: int) -> None:
 async def test_an_unanswered_elicitation_streams_then_times_out_cleanly(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
         session = await initialize(client, url)
         server._handler.mcp.request_timeout = 1.0
         headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
@@ -279,7 +270,7 @@ async def test_allowed_origins_apply_to_the_streamable_and_the_legacy_paths(http
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
     config = mcp_config(port, http_target, allowed_origins=("https://app.example",))
-    async with gateway(config), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(config), httpx.AsyncClient(timeout=30) as client:
         body = {
             "jsonrpc": "2.0",
             "id": 1,
@@ -316,7 +307,7 @@ async def test_the_route_timeout_bounds_posts_but_not_the_get_stream(http_target
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
     config = mcp_config(port, http_target, request_timeout=1.0, stdio=False)
-    async with gateway(config), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(config), httpx.AsyncClient(timeout=30) as client:
         session = await initialize(client, url)
         headers = {**POST_HEADERS, "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
         get_headers = {"accept": "text/event-stream", "mcp-session-id": session, "mcp-protocol-version": "2025-06-18"}
@@ -383,7 +374,7 @@ async def test_a_session_id_too_long_to_seal_is_a_json_rpc_error_on_initialize()
     port = free_port()
     async with (
         serve(long_id_target) as target_port,
-        gateway(mcp_config(port, target_port)) as server,
+        running_proxy(mcp_config(port, target_port)) as server,
         httpx.AsyncClient(timeout=30) as client,
     ):
         body = {

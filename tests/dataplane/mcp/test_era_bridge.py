@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +16,6 @@ from mcp import Client
 from mcp.types import ElicitResult
 
 from dataplane.config.model import RuntimeConfig
-from dataplane.http.server import ProxyServer
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from tests.conftest import free_port
 from tests.dataplane.peers.config import compile_resources, listener, route
@@ -57,16 +55,6 @@ def last_message(response: httpx.Response) -> dict[str, Any]:
     return json.loads([payload for payload in data if payload][-1])
 
 
-@asynccontextmanager
-async def gateway(config: RuntimeConfig) -> AsyncIterator[ProxyServer]:
-    async with running_proxy(config) as server:
-        try:
-            yield server
-        finally:
-            with anyio.fail_after(15):
-                await server._handler.aclose()
-
-
 @pytest.fixture
 async def modern_target() -> AsyncIterator[int]:
     async with serve(build_modern_app(ModernPeer())) as port:
@@ -85,7 +73,7 @@ async def test_a_session_era_client_uses_a_modern_only_target(modern_target: int
         asked.append(params.message)
         return ElicitResult(action="accept", content={"text": "teal"})
 
-    async with gateway(bridge_config(port, modern_target)):
+    async with running_proxy(bridge_config(port, modern_target)):
         with anyio.fail_after(60):
             async with Client(f"http://127.0.0.1:{port}/mcp", mode="legacy", elicitation_callback=elicit) as client:
                 assert client.session.initialize_result is not None
@@ -106,8 +94,8 @@ async def test_a_session_era_client_uses_a_modern_only_target(modern_target: int
 async def test_a_second_worker_resumes_a_session_with_a_modern_only_target(modern_target: int) -> None:
     first, second = free_port(), free_port()
     async with (
-        gateway(bridge_config(first, modern_target)),
-        gateway(bridge_config(second, modern_target)),
+        running_proxy(bridge_config(first, modern_target)),
+        running_proxy(bridge_config(second, modern_target)),
         httpx.AsyncClient(timeout=30) as client,
     ):
         with anyio.fail_after(60):

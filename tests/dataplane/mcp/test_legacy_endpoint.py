@@ -16,7 +16,8 @@ from mcp.types import ElicitResult
 from dataplane.mcp.legacy_endpoint import LegacyLink
 from dataplane.mcp.sse import SseEvent, SseParser
 from tests.conftest import free_port
-from tests.dataplane.mcp.test_endpoint import gateway, mcp_config
+from tests.dataplane.mcp.test_endpoint import mcp_config
+from tests.dataplane.peers.proxy import running_proxy
 from tests.peers.mcp_servers.http_sdk import build_app, build_server, serve
 
 pytestmark = pytest.mark.anyio
@@ -48,7 +49,7 @@ async def test_the_sdk_sse_client_lists_calls_gets_progress_and_elicits_through_
         asked.append(params.message)
         return ElicitResult(action="accept", content={"text": "green"})
 
-    async with gateway(mcp_config(port, http_target)) as server:
+    async with running_proxy(mcp_config(port, http_target)) as server:
         legacy = server._handler.mcp.legacy
         with anyio.fail_after(60):
             transport = sse_client(f"http://127.0.0.1:{port}/mcp/sse")
@@ -92,8 +93,8 @@ class Stream:
 async def test_a_2024_client_negotiates_its_version_and_bad_input_gets_clear_errors(http_target: int) -> None:
     first_port, second_port = free_port(), free_port()
     async with (
-        gateway(mcp_config(first_port, http_target)) as server,
-        gateway(mcp_config(second_port, http_target)),
+        running_proxy(mcp_config(first_port, http_target)) as server,
+        running_proxy(mcp_config(second_port, http_target)),
         httpx.AsyncClient(timeout=30) as client,
     ):
         base = f"http://127.0.0.1:{first_port}"
@@ -161,7 +162,7 @@ async def test_a_2024_client_negotiates_its_version_and_bad_input_gets_clear_err
 async def test_the_route_timeout_bounds_requests_but_not_the_stream(http_target: int) -> None:
     port = free_port()
     config = mcp_config(port, http_target, request_timeout=1.0, stdio=False)
-    async with gateway(config), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(config), httpx.AsyncClient(timeout=30) as client:
         base = f"http://127.0.0.1:{port}"
         with anyio.fail_after(30):
             async with client.stream("GET", f"{base}/mcp/sse", headers={"accept": "text/event-stream"}) as response:
@@ -186,7 +187,10 @@ async def test_the_route_timeout_bounds_requests_but_not_the_stream(http_target:
 
 async def test_an_idle_stream_gets_keepalive_comments(http_target: int) -> None:
     port = free_port()
-    async with gateway(mcp_config(port, http_target, stdio=False)) as server, httpx.AsyncClient(timeout=30) as client:
+    async with (
+        running_proxy(mcp_config(port, http_target, stdio=False)) as server,
+        httpx.AsyncClient(timeout=30) as client,
+    ):
         server._handler.mcp.legacy.keepalive = 0.05
         seen = b""
         with anyio.fail_after(30):

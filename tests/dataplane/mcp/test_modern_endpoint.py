@@ -6,7 +6,6 @@ import json
 import math
 import sys
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from functools import partial
 from typing import Annotated, Any
 
@@ -135,16 +134,6 @@ def mcp_config(port: int, http_port: int) -> RuntimeConfig:
     return compile_resources(listener(port), backend, web, local, route(backends=[("default/mcp", 1)]))
 
 
-@asynccontextmanager
-async def gateway(config: RuntimeConfig) -> AsyncIterator[ProxyServer]:
-    async with running_proxy(config) as server:
-        try:
-            yield server
-        finally:
-            with anyio.fail_after(15):
-                await server._handler.aclose()
-
-
 @pytest.fixture
 async def http_target() -> AsyncIterator[int]:
     async with serve(build_app(modern_server(), "streamable")) as port:
@@ -169,7 +158,7 @@ async def test_the_sdk_client_speaks_2026_through_both_eras(http_target: int) ->
         asked.append(params.message)
         return ElicitResult(action="accept", content={"text": f"blue{len(asked)}"})
 
-    async with gateway(mcp_config(port, http_target)) as server:
+    async with running_proxy(mcp_config(port, http_target)) as server:
         with anyio.fail_after(60):
             async with Client(f"http://127.0.0.1:{port}/mcp", elicitation_callback=elicit) as client:
                 assert client.session.protocol_version == MODERN
@@ -226,7 +215,7 @@ def call(request_id: int, name: str, arguments: dict[str, Any], **params: Any) -
 async def test_bad_input_gets_the_2026_errors(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
         echo = call(1, "local__echo", {"text": "x"})
         ok = await client.post(url, json=echo, headers=post_headers("tools/call", "local__echo"))
         assert ok.status_code == 200 and messages(ok)[-1]["result"]["content"][0]["text"] == "x"
@@ -296,8 +285,8 @@ CAPS = "io.modelcontextprotocol/clientCapabilities"
 async def test_input_required_retry_lands_on_a_worker_that_does_not_hold_it(http_target: int) -> None:
     first_port, second_port = free_port(), free_port()
     async with (
-        gateway(mcp_config(first_port, http_target)),
-        gateway(mcp_config(second_port, http_target)) as second,
+        running_proxy(mcp_config(first_port, http_target)),
+        running_proxy(mcp_config(second_port, http_target)) as second,
         httpx.AsyncClient(timeout=30) as client,
     ):
         ask = call(1, "local__ask", {"question": "colour?"})
@@ -336,7 +325,7 @@ async def test_input_required_retry_lands_on_a_worker_that_does_not_hold_it(http
 async def test_a_client_without_the_capability_gets_minus_32021(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target)), httpx.AsyncClient(timeout=30) as client:
         ask = call(1, "local__ask", {"question": "colour?"}, _meta={**META, CAPS: {}})
         with anyio.fail_after(30):
             response = await client.post(url, json=ask, headers=post_headers("tools/call", "local__ask"))
@@ -352,7 +341,7 @@ async def test_a_client_without_the_capability_gets_minus_32021(http_target: int
 async def test_an_unanswered_input_request_expires_and_the_shared_session_survives(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
         endpoint = modern(server)
         ask = call(1, "local__ask", {"question": "colour?"})
         with anyio.fail_after(30):
@@ -379,7 +368,7 @@ async def test_an_unanswered_input_request_expires_and_the_shared_session_surviv
 
 async def test_listen_relays_both_eras_and_ends_gracefully_on_shutdown(http_target: int) -> None:
     port = free_port()
-    async with gateway(mcp_config(port, http_target)) as server:
+    async with running_proxy(mcp_config(port, http_target)) as server:
         with anyio.fail_after(60):
             async with Client(f"http://127.0.0.1:{port}/mcp") as client:
                 await client.list_tools()  # the catalogs are learnt, so a change must forget them
@@ -403,7 +392,7 @@ async def test_listen_relays_both_eras_and_ends_gracefully_on_shutdown(http_targ
 async def test_a_client_that_goes_away_cancels_its_call_upstream(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
-    async with gateway(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
+    async with running_proxy(mcp_config(port, http_target)) as server, httpx.AsyncClient(timeout=30) as client:
         endpoint = modern(server)
         echo = call(1, "local__echo", {"text": "warm"})
         await client.post(url, json=echo, headers=post_headers("tools/call", "local__echo"))

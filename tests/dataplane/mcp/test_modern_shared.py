@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from typing import Any
 
 import anyio
@@ -14,7 +12,6 @@ from mcp.types import ElicitResult
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from dataplane.config.model import RuntimeConfig
-from dataplane.http.server import ProxyServer
 from dataplane.mcp.modern import ModernEndpoint
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from tests.conftest import free_port
@@ -73,16 +70,6 @@ def mcp_config(port: int, http_port: int, sse_port: int) -> RuntimeConfig:
     return compile_resources(listener(port), backend, old, sse, route(backends=[("default/mcp", 1)]))
 
 
-@asynccontextmanager
-async def gateway(config: RuntimeConfig) -> AsyncIterator[ProxyServer]:
-    async with running_proxy(config) as server:
-        try:
-            yield server
-        finally:
-            with anyio.fail_after(15):
-                await server._handler.aclose()
-
-
 async def test_session_era_http_targets_behind_a_2026_client() -> None:
     port = free_port()
     old = SessionEraOnly(build_app(build_server(), "streamable"))
@@ -97,7 +84,7 @@ async def test_session_era_http_targets_behind_a_2026_client() -> None:
     async with (
         serve(old) as http_port,
         serve(build_app(build_server(), "sse")) as sse_port,
-        gateway(mcp_config(port, http_port, sse_port)) as server,
+        running_proxy(mcp_config(port, http_port, sse_port)) as server,
     ):
         with anyio.fail_after(60):
             async with Client(f"http://127.0.0.1:{port}/mcp", elicitation_callback=elicit) as client:
