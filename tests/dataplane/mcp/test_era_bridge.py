@@ -21,6 +21,7 @@ from tests.conftest import free_port
 from tests.dataplane.peers.config import compile_resources, listener, route
 from tests.dataplane.peers.proxy import running_proxy
 from tests.peers.mcp_servers.modern_only import ModernPeer, build_modern_app, serve
+from tests.peers.node_client import ensure_node_packages, require_node, run_ts_client
 
 pytestmark = pytest.mark.anyio
 
@@ -126,3 +127,25 @@ async def test_a_second_worker_resumes_a_session_with_a_modern_only_target(moder
             assert answer.status_code == 200, answer.text
             body = last_message(answer)
             assert body["result"]["content"][0]["text"] == "3"
+
+
+async def test_the_typescript_client_uses_a_modern_only_target(modern_target: int) -> None:
+    require_node()
+    await ensure_node_packages()
+    port = free_port()
+    plan = [
+        {"op": "listTools"},
+        {"op": "callTool", "name": "modern__add", "arguments": {"a": 40, "b": 2}},
+        {"op": "callTool", "name": "modern__count", "arguments": {"n": 2}},
+        {"op": "callTool", "name": "local__echo", "arguments": {"text": "typescript"}},
+    ]
+    async with running_proxy(bridge_config(port, modern_target)):
+        with anyio.fail_after(60):
+            report = await run_ts_client(f"http://127.0.0.1:{port}/mcp", plan)
+    assert report["protocolVersion"] == "2025-11-25"
+    listed, added, counted, echoed = (step["result"] for step in report["steps"])
+    assert {"modern__add", "modern__count", "local__echo"} <= set(listed["tools"])
+    assert added["content"][0]["text"] == "42"
+    assert counted["content"][0]["text"] == "counted 2"
+    assert [update["progress"] for update in counted["progress"]] == [1, 2]
+    assert echoed["content"][0]["text"] == "typescript"
