@@ -11,7 +11,7 @@ sessionless request over it:
 - The 2026-07-28 envelope (``_meta`` keys ``io.modelcontextprotocol/*``, ``inputResponses``,
   ``requestState``) is stripped before a message goes upstream; ``server/discover`` is answered from the
   upstream's initialize result; ``ping`` from the target is answered by the gateway.
-- Server-to-client requests (elicitation/create, sampling/createMessage, roots/list) cannot reach a
+- Server-to-client requests (elicitation/create, sampling/createMessage) cannot reach a
   2026-07-28 client, so they become an ``input_required`` result (the input-required bridge): the
   upstream call is *parked* (it keeps running upstream, waiting for its answer) and the client gets the
   target's request as ``inputRequests`` plus a gateway ``requestState`` sealed with AES-GCM under the
@@ -68,8 +68,10 @@ log = get_logger("dataplane.mcp.shared_upstream")
 MODERN_VERSION: Final = "2026-07-28"
 # The version the gateway asks for when it initializes a shared upstream session.
 HANDSHAKE_VERSION: Final = "2025-11-25"
-# What the gateway tells a session-era target it can do: it bridges every server-to-client request.
-GATEWAY_CLIENT_CAPABILITIES: Final[JSON] = {"elicitation": {"form": {}, "url": {}}, "sampling": {}, "roots": {}}
+# What the gateway tells a session-era target it can do: it bridges elicitation and sampling, which
+# belong to a call. Not roots: they describe a client, and a shared session serves many clients (a
+# target may ask them at any time, with no call to pin them on); 2026-07-28 deprecates roots anyway.
+GATEWAY_CLIENT_CAPABILITIES: Final[JSON] = {"elicitation": {"form": {}, "url": {}}, "sampling": {}}
 GATEWAY_CLIENT_INFO: Final[JSON] = {"name": "agentgate", "version": "0.1.0"}
 HANDSHAKE_TIMEOUT: Final = 30.0
 CLOSE_TIMEOUT: Final = 5.0
@@ -84,7 +86,6 @@ INTERACTIVE_METHODS: Final = frozenset({"tools/call", "prompts/get", "resources/
 INPUT_METHODS: Final = {
     "elicitation/create": "elicitation",
     "sampling/createMessage": "sampling",
-    "roots/list": "roots",
 }
 LISTEN_METHODS: Final = frozenset(
     {
@@ -419,7 +420,7 @@ class UpstreamMux:
         if method == "ping":
             return [ToUpstream(result_response(their_id, {}))]
         capability = INPUT_METHODS.get(method)
-        if capability is None:
+        if capability is None:  # roots/list included: never declared, and never pinned on a client's call
             return [ToUpstream(error_response(their_id, ErrorCode.METHOD_NOT_FOUND, f"Method not found: {method}"))]
         call = self._asker()
         if call is None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import math
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from functools import partial
 from typing import Annotated, Any
 
@@ -351,11 +351,9 @@ async def test_an_unanswered_input_request_expires_and_the_shared_session_surviv
             assert shared is not None and shared.mux.parked == 1
             # Nobody retries: once its deadline passes, the parked call is cancelled upstream.
             shared.mux.clock = lambda: math.inf
+            expired = when_mux(shared.mux, lambda: shared.mux.parked == 0)
             shared._expiry_changed.set()
-            for _ in range(100):
-                if not shared.mux.parked:
-                    break
-                await anyio.wait_all_tasks_blocked()
+            await expired.wait()
             assert shared.mux.parked == 0
         retry = call(2, "local__ask", {"question": "colour?"}, requestState=state, inputResponses={})
         late = await client.post(url, json=retry, headers=post_headers("tools/call", "local__ask"))
@@ -389,6 +387,24 @@ async def test_listen_relays_both_eras_and_ends_gracefully_on_shutdown(http_targ
                     assert rest == []
 
 
+def when_mux(mux: Any, condition: Callable[[], bool]) -> anyio.Event:
+    """An event set once ``condition`` holds after one of the mux's inputs (no polling)."""
+    reached = anyio.Event()
+    for name in ("from_lease", "from_upstream", "close_lease", "upstream_lost", "expire"):
+        original = getattr(mux, name)
+
+        def observed(*args: Any, _original: Callable[..., Any] = original, **kwargs: Any) -> Any:
+            result = _original(*args, **kwargs)
+            if condition():
+                reached.set()
+            return result
+
+        setattr(mux, name, observed)
+    if condition():
+        reached.set()
+    return reached
+
+
 async def test_a_client_that_goes_away_cancels_its_call_upstream(http_target: int) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/mcp"
@@ -401,17 +417,12 @@ async def test_a_client_that_goes_away_cancels_its_call_upstream(http_target: in
         with anyio.fail_after(30):
             async with anyio.create_task_group() as tasks:
                 hang = partial(client.post, url, json=call(2, "local__hang", {}))
+                busy = when_mux(shared.mux, lambda: shared.mux.in_flight == 1)
                 tasks.start_soon(partial(hang, headers=post_headers("tools/call", "local__hang")))
-                for _ in range(200):
-                    if shared.mux.in_flight:
-                        break
-                    await anyio.wait_all_tasks_blocked()
-                assert shared.mux.in_flight == 1
+                await busy.wait()
+                idle = when_mux(shared.mux, lambda: shared.mux.in_flight == 0)
                 tasks.cancel_scope.cancel()  # the client hangs up
-            for _ in range(200):
-                if not shared.mux.in_flight:
-                    break
-                await anyio.wait_all_tasks_blocked()
+            await idle.wait()
             assert shared.mux.in_flight == 0
         # A request outliving request_timeout gets a JSON-RPC error, and the session goes on.
         endpoint.request_timeout = 0.5

@@ -169,25 +169,38 @@ def test_an_elicitation_becomes_input_required_and_the_retry_continues_the_call(
 
 def test_questions_asked_while_parked_and_answers_that_came_early() -> None:
     mux = make_mux()
-    lease = mux.open_lease({"elicitation": {}, "roots": {}})
+    lease = mux.open_lease({"elicitation": {}, "sampling": {}})
     [sent] = mux.from_lease(lease, call(1))
     up_id = sent.message["id"]  # type: ignore[union-attr]
     [first] = mux.from_upstream({"jsonrpc": "2.0", "id": "a", "method": "elicitation/create", "params": {}})
     state = first.message["result"]["requestState"]  # type: ignore[union-attr]
     # A second question arrives while the client is away: it rides the next round.
-    assert mux.from_upstream({"jsonrpc": "2.0", "id": "b", "method": "roots/list"}) == []
-    retry_lease = mux.open_lease({"elicitation": {}, "roots": {}})
+    sample = {"jsonrpc": "2.0", "id": "b", "method": "sampling/createMessage", "params": {"maxTokens": 5}}
+    assert mux.from_upstream(sample) == []
+    retry_lease = mux.open_lease({"elicitation": {}, "sampling": {}})
     keys = list(first.message["result"]["inputRequests"])  # type: ignore[union-attr]
     actions = mux.from_lease(retry_lease, call(2, requestState=state, inputResponses={keys[0]: {"action": "decline"}}))
     assert only(actions, ToUpstream)[0].message == {"jsonrpc": "2.0", "id": "a", "result": {"action": "decline"}}
     [again] = only(actions, ToLease)
-    assert list(again.message["result"]["inputRequests"].values()) == [{"method": "roots/list"}]
+    assert list(again.message["result"]["inputRequests"].values()) == [
+        {"method": "sampling/createMessage", "params": {"maxTokens": 5}}
+    ]
     # The target finishes while parked: the next retry gets the answer at once.
     mux.from_upstream({"jsonrpc": "2.0", "id": up_id, "result": {"content": []}})
     state = again.message["result"]["requestState"]
     last = mux.open_lease({})
     [done] = mux.from_lease(last, call(3, requestState=state, inputResponses={}))
     assert done == ToLease(last, {"jsonrpc": "2.0", "id": 3, "result": {"content": []}})
+
+
+def test_a_roots_request_is_refused_to_the_target_and_never_touches_a_call() -> None:
+    mux = make_mux()
+    lease = mux.open_lease({})
+    mux.from_lease(lease, call(1))
+    [refusal] = mux.from_upstream({"jsonrpc": "2.0", "id": "r", "method": "roots/list"})
+    assert refusal == ToUpstream(
+        {"jsonrpc": "2.0", "id": "r", "error": {"code": -32601, "message": "Method not found: roots/list"}}
+    )
 
 
 def test_a_missing_client_capability_fails_the_call_with_minus_32021() -> None:
