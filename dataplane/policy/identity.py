@@ -23,7 +23,7 @@ class Identity:
     principal: str
     method: str  # "jwt", "serviceaccount", "apikey", "basic"
     issuer: str | None = None
-    claims: Mapping[str, Any] = field(default=_EMPTY)
+    claims: Mapping[str, Any] = field(default_factory=lambda: _EMPTY)
     namespace: str | None = None
     service_account: str | None = None
 
