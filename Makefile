@@ -38,7 +38,7 @@ run: install
 	examples/quickstart/run.sh
 
 test: install
-	$(call apt_ensure,curl:curl nginx:nginx-light)
+	$(call apt_ensure,curl:curl nginx:nginx-light redis-server:redis-server)
 	@$(MAKE) --no-print-directory $(NODE_PEERS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest
