@@ -218,3 +218,62 @@ class ByteStream(asyncio.Protocol):
         if isinstance(peer, tuple) and peer:
             return str(peer[0])
         return ""
+
+
+def _time_out(waiter: asyncio.Future[bool]) -> None:
+    if not waiter.done():
+        waiter.set_result(False)
+
+
+class Wakeup:
+    """Tasks waiting until something changes, woken together by ``notify``.
+
+    The part of asyncio.Event a producer and its consumers need, for per-request paths: no
+    running-loop lookup per wait (on Python 3.11 that is a getpid syscall), a future only while a
+    task waits, a deadline as one timer (no cancel scope), and no set state to clear: ``wait``
+    always waits for the next ``notify``, so callers check their condition first. Cancelling one
+    waiter leaves the others waiting.
+    """
+
+    __slots__ = ("_loop", "_waiters")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        self._loop = loop
+        self._waiters: list[asyncio.Future[bool]] = []
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The loop the waits run on (the running one, looked up once if none was given)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    async def wait(self, deadline: float | None = None) -> bool:
+        """Until the next ``notify`` (True) or, with ``deadline`` in loop time, until then (False)."""
+        loop = self.loop
+        waiter: asyncio.Future[bool] = loop.create_future()
+        waiters = self._waiters
+        waiters.append(waiter)
+        timer = loop.call_at(deadline, _time_out, waiter) if deadline is not None else None
+        try:
+            woken = await waiter
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            raise
+        finally:
+            if timer is not None:
+                timer.cancel()
+        if not woken and waiter in self._waiters:
+            self._waiters.remove(waiter)
+        return woken
+
+    def notify(self) -> None:
+        """Wake every task waiting now."""
+        waiters = self._waiters
+        if waiters:
+            self._waiters = []
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(True)

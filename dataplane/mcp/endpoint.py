@@ -31,12 +31,11 @@ protection.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable
 from typing import Any, Final, Protocol
 from urllib.parse import unquote
-
-import anyio
 
 from dataplane.config.model import UpstreamCluster
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
@@ -101,6 +100,21 @@ def _header(headers: Headers, name: bytes) -> str | None:
     return None
 
 
+# The headers a POST reads; `_first_values` finds them in one pass.
+_POST_HEADERS: Final = frozenset({b"accept", b"content-type", b"mcp-session-id", b"mcp-protocol-version"})
+# Distinct Accept / Content-Type pairs whose verdict is remembered (clients send the same few).
+_MAX_REMEMBERED_VERDICTS: Final = 256
+
+
+def _first_values(headers: Headers, names: frozenset[bytes]) -> dict[bytes, str]:
+    """The first value of each header in ``names`` that the request has (as ``_header`` finds it)."""
+    found: dict[bytes, str] = {}
+    for key, value in headers:
+        if key in names and key not in found:
+            found[key] = value.decode("latin-1")
+    return found
+
+
 def _same_host_origins(authority: bytes) -> OriginAllowList:
     host = authority.decode("latin-1")
     return OriginAllowList.compile([f"http://{host}", f"https://{host}"])
@@ -153,12 +167,12 @@ class ModernExchange(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _is_modern(headers: Headers, message: Message) -> bool:
-    """A 2026-07-28 request: its header says so, or (header missing) its `_meta` does without a session."""
-    version = _header(headers, b"mcp-protocol-version")
+def _is_modern(version: str | None, token: str | None, message: Message) -> bool:
+    """A 2026-07-28 request: its MCP-Protocol-Version header (``version``) says so, or (header
+    missing) its `_meta` does without a session (no Mcp-Session-Id ``token``)."""
     if version is not None and version in MODERN_PROTOCOL_VERSIONS:
         return True
-    if _header(headers, b"mcp-session-id") is not None:
+    if token is not None:
         return False
     params = getattr(message, "params", None)
     meta = params.get("_meta") if isinstance(params, dict) else None
@@ -183,6 +197,28 @@ class McpEndpoint:
         self.legacy = LegacySseEndpoint(self.sessions)
         self.retry_ms = retry_ms
         self.sse_after = sse_after
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._post_verdicts: dict[tuple[str | None, str | None], HeaderError | None] = {}
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        """The worker's loop, looked up once (on Python 3.11 each lookup is a getpid syscall)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
+
+    def _post_headers_refused(self, accept: str | None, content_type: str | None) -> HeaderError | None:
+        """Accept and Content-Type checked as ``check_accept_post`` / ``check_content_type`` do; the
+        verdict depends on the two values only, so it is remembered per pair (a bounded table)."""
+        key = (accept, content_type)
+        verdicts = self._post_verdicts
+        if key in verdicts:
+            return verdicts[key]
+        refused = check_accept_post(accept) or check_content_type(content_type)
+        if len(verdicts) >= _MAX_REMEMBERED_VERDICTS:
+            verdicts.clear()
+        verdicts[key] = refused
+        return refused
 
     def end_streams(self) -> None:
         """Draining: end the standing streams (GET, listen, legacy SSE); requests in flight finish."""
@@ -244,21 +280,21 @@ class McpEndpoint:
     ) -> None:
         settings = cluster.mcp
         assert settings is not None
-        refused = check_accept_post(_header(request.headers, b"accept")) or check_content_type(
-            _header(request.headers, b"content-type")
-        )
+        found = _first_values(request.headers, _POST_HEADERS)
+        refused = self._post_headers_refused(found.get(b"accept"), found.get(b"content-type"))
         if refused is not None:
             raise _Reject.of(refused)
-        body = await _read_body(request, settings.max_body_bytes, bound)
+        body = await _read_body(request, settings.max_body_bytes, bound, self._running_loop())
         parsed = parse_message(body)
         if isinstance(parsed, InvalidMessage):
             await _send_json(sink, 400, parsed.to_response())
             return
-        if self.modern is not None and _is_modern(request.headers, parsed):
+        token = found.get(b"mcp-session-id")
+        version_header = found.get(b"mcp-protocol-version")
+        if self.modern is not None and _is_modern(version_header, token, parsed):
             # The route's timeout bounds each request (answered with a JSON-RPC error), not listen streams.
             await self.modern.post(request, sink, cluster, parsed, route_timeout)
             return
-        token = _header(request.headers, b"mcp-session-id")
         if isinstance(parsed, Request) and parsed.method == "initialize":
             if token is not None:
                 refusal = error_response(
@@ -268,7 +304,7 @@ class McpEndpoint:
                 return
             await self._initialize(sink, cluster, parsed, bound)
             return
-        version = check_protocol_version(_header(request.headers, b"mcp-protocol-version"), _SESSION_VERSIONS)
+        version = check_protocol_version(version_header, _SESSION_VERSIONS)
         if isinstance(version, HeaderError):
             raise _Reject.of(version)
         session = await self._session(cluster, token)
@@ -360,10 +396,9 @@ class McpEndpoint:
         streaming = False
         held: list[StreamEvent] = []
         while True:
-            batch: list[StreamEvent] | None = None
+            batch: list[StreamEvent] | None
             if prime and not streaming:
-                with anyio.move_on_after(self.sse_after):
-                    batch = await stream.next(cursor, reader)
+                batch = await stream.next_within(cursor, reader, self.sse_after)
                 if batch is None:  # a slow answer: stream now, so that a broken connection can resume
                     streaming = True
                     await self._start_stream(sink, stream, [], prime)
@@ -503,7 +538,7 @@ class McpEndpoint:
         refused = check_content_type(_header(request.headers, b"content-type"))
         if refused is not None:
             raise _Reject.of(refused)
-        parsed = parse_message(await _read_body(request, settings.max_body_bytes, bound))
+        parsed = parse_message(await _read_body(request, settings.max_body_bytes, bound, self._running_loop()))
         if isinstance(parsed, InvalidMessage):
             await _send_json(sink, 400, parsed.to_response())
             return
@@ -520,15 +555,34 @@ def _priming(stream: EventStream, retry_ms: int) -> bytes:
     return b"id: " + stream.event_id(0).encode("ascii") + b"\nretry: %d\ndata: \n\n" % retry_ms
 
 
-async def _read_body(request: ProxyRequest, limit: int, bound: float) -> bytes:
-    """The whole body, at most ``limit`` bytes (413) arriving within ``bound`` seconds (408)."""
+async def _read_body(
+    request: ProxyRequest, limit: int, bound: float, loop: asyncio.AbstractEventLoop | None = None
+) -> bytes:
+    """The whole body, at most ``limit`` bytes (413) arriving within ``bound`` seconds (408).
+
+    The bound is a timer that cancels this task, undone as ``asyncio.timeout`` does (so a cancel
+    from elsewhere still wins): once per request, where a cancel scope costs several times more.
+    """
     if request.content_length is not None and request.content_length > limit:
         raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
     if request.body is None:
         return b""
+    if loop is None:
+        loop = asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
+    assert task is not None
+    cancelling = task.cancelling()  # cancels requested before ours are not ours to undo
+    expired = False
+
+    def expire() -> None:
+        nonlocal expired
+        expired = True
+        task.cancel()
+
+    timer = loop.call_later(bound, expire)
     chunks: list[bytes] = []
     size = 0
-    with anyio.move_on_after(bound):
+    try:
         while True:
             data = await request.body.read()
             if not data:
@@ -537,7 +591,12 @@ async def _read_body(request: ProxyRequest, limit: int, bound: float) -> bytes:
             if size > limit:
                 raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
             chunks.append(data)
-    raise _Reject(408, "Request Timeout: the request body did not arrive in time")
+    except asyncio.CancelledError:
+        if expired and task.uncancel() <= cancelling:
+            raise _Reject(408, "Request Timeout: the request body did not arrive in time") from None
+        raise
+    finally:
+        timer.cancel()
 
 
 async def _send_body(sink: ResponseSink, status: int, body: bytes, extra: Headers | None = None) -> None:

@@ -277,6 +277,7 @@ class McpFederation:
         self._relayed_by_target: dict[tuple[str, RequestId], str] = {}
         self._relayed_progress: dict[str, tuple[str, Any]] = {}  # gateway token -> (target, target's token)
         self._down: set[str] = set()
+        self._live: tuple[str, ...] = self.naming.targets  # the targets not in _down, in config order
         self.target_capabilities: dict[str, JSON] = {}
         self.target_versions: dict[str, str] = {}
         # Who listed a name or URI first (NEVER collisions); bare resource URIs route by it.
@@ -304,7 +305,7 @@ class McpFederation:
     @property
     def live_targets(self) -> tuple[str, ...]:
         """Targets taking part in this conversation (all but those that failed initialize under FAIL_OPEN)."""
-        return tuple(t for t in self.naming.targets if t not in self._down)
+        return self._live
 
     def take_collisions(self) -> list[tuple[Kind, str, str]]:
         """``(kind, name, shadowed target)`` dropped under NEVER since the last call, for the shell to log."""
@@ -667,6 +668,7 @@ class McpFederation:
             return [SendToClient(self._failure(exchange.client_id, failures))]
         if exchange.method in ("initialize", "server/discover"):
             self._down.update(failures)
+            self._live = tuple(t for t in self.naming.targets if t not in self._down)
         return [SendToClient(self._merge(exchange))]
 
     def _failure(self, request_id: RequestId, failures: dict[str, JSON]) -> JSON:

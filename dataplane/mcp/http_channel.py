@@ -53,6 +53,7 @@ from dataplane.config.model import (
 from dataplane.http.errors import ProxyError, RetryableUpstreamError
 from dataplane.http.h1codec import ResponseHead
 from dataplane.http.limits import DEFAULT_LIMITS, ProxyLimits
+from dataplane.http.stream import ReadTimeout, Wakeup
 from dataplane.mcp.channel import JSON, TargetClosed, TargetUnavailable
 from dataplane.mcp.headers import (
     MCP_NAME_SOURCE,
@@ -130,7 +131,7 @@ class McpHttpUpstream:
         self.authority = target.authority.encode("latin-1")
         self.extra_headers: Headers = [(k.lower().encode("latin-1"), v.encode("latin-1")) for k, v in target.headers]
         self.inbox: deque[JSON] = deque()
-        self.inbox_changed = asyncio.Event()
+        self.inbox_changed = Wakeup(self.pool.loop)  # once per message: no running-loop lookup
         self.inbox_drained = asyncio.Event()
         self.max_queued = max_queued
         self.closed_reason: str | None = None
@@ -147,7 +148,7 @@ class McpHttpUpstream:
             self.inbox_drained.clear()
             await self.inbox_drained.wait()
         self.inbox.append(message)
-        self.inbox_changed.set()
+        self.inbox_changed.notify()
 
     async def fail_request(self, request_id: Any, cause: str) -> None:
         """Answer a request the target will not answer, so its caller does not wait forever."""
@@ -158,7 +159,7 @@ class McpHttpUpstream:
         """No more messages will come: `receive` raises TargetClosed(reason) once the inbox is empty."""
         if self.closed_reason is None:
             self.closed_reason = reason
-        self.inbox_changed.set()
+        self.inbox_changed.notify()
         self.inbox_drained.set()
 
     async def receive(self) -> JSON:
@@ -168,7 +169,6 @@ class McpHttpUpstream:
                 return self.inbox.popleft()
             if self.closed_reason is not None:
                 raise TargetClosed(self.closed_reason)
-            self.inbox_changed.clear()
             await self.inbox_changed.wait()
 
     def spawn(self, work: Callable[[], Any]) -> None:
@@ -192,9 +192,14 @@ class McpHttpUpstream:
         all_headers = [*headers, *self.extra_headers]
         if body is not None:
             all_headers.append((b"content-length", b"%d" % len(body)))
-        upstream = UpstreamRequest(
-            method, path.encode("latin-1"), self.authority, all_headers, body is not None, len(body or b"")
-        )
+        return await self.send_request(method, path.encode("latin-1"), all_headers, body)
+
+    async def send_request(
+        self, method: bytes, target: bytes, all_headers: Headers, body: bytes | None = None
+    ) -> Exchange:
+        """`request` for a caller that built the whole header list (the target's extra headers and,
+        with a body, its content-length included), e.g. once per upstream session."""
+        upstream = UpstreamRequest(method, target, self.authority, all_headers, body is not None, len(body or b""))
         exchange: Exchange | None = None
         try:
             if body is None:
@@ -224,12 +229,19 @@ class McpHttpUpstream:
         return exchange
 
     async def _post(self, upstream: UpstreamRequest, body: bytes) -> Exchange:
-        exchange = await self.pool.open(upstream)
+        """Head and body in one write, then the response head within the response timeout.
+
+        The wait is a read deadline (one timer), not a cancel scope: this runs once per message.
+        """
+        exchange = await self.pool.open(upstream, body)
         try:
-            with anyio.fail_after(self.response_timeout):
-                await exchange.send_data(body)
-                await exchange.end_request([])
-                await exchange.response()
+            if exchange.write_paused:  # a large message: let it leave before waiting for the answer
+                with anyio.fail_after(self.response_timeout):
+                    await exchange.drain()
+            await exchange.response(self.pool.loop.time() + self.response_timeout)
+        except ReadTimeout:
+            exchange.abort()
+            raise TimeoutError from None
         except BaseException:
             exchange.abort()
             raise
@@ -326,6 +338,9 @@ class StreamableHttpChannel:
             target, backend, response_timeout=response_timeout, max_message_bytes=max_message_bytes, limits=limits
         )
         self._path = target.path or "/"
+        self._target = self._path.encode("latin-1")
+        self._post_headers_for: tuple[str | None, str | None] | None = None
+        self._post_headers_cache: Headers = []
         self._session_id = session_id
         self._protocol_version = protocol_version
         # Open the standalone GET stream once the session is usable (after initialized, or at
@@ -357,14 +372,24 @@ class StreamableHttpChannel:
             headers.append((b"mcp-protocol-version", self._protocol_version.encode("latin-1")))
         return headers
 
-    def _message_headers(self, message: JSON) -> Headers:
-        """Session headers, plus for 2026-07-28 messages (which carry their version in `_meta` and
-        have no session) MCP-Protocol-Version, Mcp-Method and Mcp-Name mirroring the body."""
+    def _post_headers(self) -> Headers:
+        """Every header of a session-era POST but its content-length, built once per session state
+        (the session id and protocol version change only at initialize)."""
+        state = (self._session_id, self._protocol_version)
+        if self._post_headers_for != state:
+            self._post_headers_for = state
+            self._post_headers_cache = [_ACCEPT_BOTH, _CONTENT_JSON, *self._session_headers(), *self._up.extra_headers]
+        return self._post_headers_cache
+
+    @staticmethod
+    def _modern_headers(message: JSON) -> Headers | None:
+        """For 2026-07-28 messages (which carry their version in `_meta` and have no session)
+        MCP-Protocol-Version, Mcp-Method and Mcp-Name mirroring the body; None for others."""
         params = message.get("params")
         meta = params.get("_meta") if isinstance(params, dict) else None
         version = meta.get(META_PROTOCOL_VERSION) if isinstance(meta, dict) else None
         if not isinstance(version, str) or version not in MODERN_PROTOCOL_VERSIONS:
-            return self._session_headers()
+            return None
         headers: Headers = [(b"mcp-protocol-version", version.encode("latin-1"))]
         method = message.get("method")
         if isinstance(method, str):
@@ -383,14 +408,17 @@ class StreamableHttpChannel:
     async def send(self, message: JSON) -> None:
         self._check_open()
         up = self._up
-        body = json.dumps(message, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        body = _encode(message)
         if len(body) > up.max_message_bytes:
             raise up.unavailable(f"message larger than {up.max_message_bytes} bytes")
         if self._resumed and self._listen and not self._listening:
             self._start_listening()
-        exchange = await up.request(
-            b"POST", self._path, [_ACCEPT_BOTH, _CONTENT_JSON, *self._message_headers(message)], body
-        )
+        modern = self._modern_headers(message)
+        if modern is None:
+            headers = [*self._post_headers(), (b"content-length", b"%d" % len(body))]
+            exchange = await up.send_request(b"POST", self._target, headers, body)
+        else:
+            exchange = await up.request(b"POST", self._path, [_ACCEPT_BOTH, _CONTENT_JSON, *modern], body)
         head = await exchange.response()
         status = head.status
         if status == 404 and self._session_id is not None:
@@ -562,6 +590,19 @@ class StreamableHttpChannel:
                 log.info("MCP session DELETE failed", target=self.target, reason=str(exc))
         up.end("channel closed")
         up.close_pool()
+
+
+# What json.dumps(separators=(",", ":"), ensure_ascii=False) produces, without building an encoder per call.
+_ENCODER_UTF8: Final = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
+_ENCODER_ASCII: Final = json.JSONEncoder(ensure_ascii=True, separators=(",", ":"))
+
+
+def _encode(message: JSON) -> bytes:
+    """Compact UTF-8 JSON; lone surrogates (legal in JSON escapes, not in UTF-8) become \\u escapes."""
+    try:
+        return _ENCODER_UTF8.encode(message).encode("utf-8")
+    except UnicodeEncodeError:
+        return _ENCODER_ASCII.encode(message).encode("ascii")
 
 
 def _ignore(message: JSON) -> bool:

@@ -45,6 +45,7 @@ import anyio
 from anyio.abc import TaskGroup
 
 from dataplane.config.model import McpStdioTarget, McpStreamableHttpTarget, UpstreamCluster
+from dataplane.http.stream import Wakeup
 from dataplane.mcp.channel import JSON, TargetChannel, TargetClosed, TargetUnavailable
 from dataplane.mcp.federation import Action, FederationConfig, McpFederation, SendToClient
 from dataplane.mcp.http_channel import SESSION_EXPIRED, StreamableHttpChannel
@@ -154,6 +155,7 @@ class EventStream:
         progress_token: Any = None,
         deadline: float = math.inf,
         keep: bool = True,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self.key = key
         self.request_id = request_id
@@ -170,7 +172,8 @@ class EventStream:
         self._events: deque[StreamEvent] = deque()
         self._bytes = 0
         self._next = 1
-        self._changed = anyio.Event()
+        # A stream lives for one request: a Wakeup on the session's loop costs far less than an anyio Event.
+        self._changed = Wakeup(loop)
 
     def event_id(self, seq: int) -> str:
         return f"{self.key}.{seq}"
@@ -205,6 +208,16 @@ class EventStream:
     async def next(self, cursor: int, reader: int) -> list[StreamEvent]:
         """The events after ``cursor``, waiting for some; [] once the stream ended for this reader
         (finished and read, closed, or taken over by a newer reader)."""
+        batch = await self._wait(cursor, reader, None)
+        assert batch is not None
+        return batch
+
+    async def next_within(self, cursor: int, reader: int, seconds: float) -> list[StreamEvent] | None:
+        """``next``, or None when nothing came within ``seconds`` (one timer, no cancel scope)."""
+        return await self._wait(cursor, reader, seconds)
+
+    async def _wait(self, cursor: int, reader: int, seconds: float | None) -> list[StreamEvent] | None:
+        deadline: float | None = None
         while self.reader == reader:
             batch = self.since(cursor)
             if batch:
@@ -216,18 +229,40 @@ class EventStream:
                 return batch
             if self.closed or self.finished:
                 return []
-            await self._changed.wait()
+            if seconds is not None and deadline is None:
+                deadline = self._changed.loop.time() + seconds
+            if not await self._changed.wait(deadline):
+                return None
         return []
 
     def notify(self) -> None:
         """Wake the reader (new event, close, or a newer reader took over)."""
-        self._changed.set()
-        self._changed = anyio.Event()
+        self._changed.notify()
 
     def close(self) -> None:
         if not self.closed:
             self.closed = True
             self.notify()
+
+
+class _Outbox:
+    """The messages waiting for one target's sender task, oldest first."""
+
+    __slots__ = ("_changed", "_messages")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._messages: deque[JSON] = deque()
+        self._changed = Wakeup(loop)
+
+    def put(self, message: JSON) -> None:
+        self._messages.append(message)
+        self._changed.notify()
+
+    async def get(self) -> JSON:
+        messages = self._messages
+        while not messages:
+            await self._changed.wait()
+        return messages.popleft()
 
 
 @dataclass(slots=True, eq=False)
@@ -256,8 +291,11 @@ class FederatedSession:
     _retained: list[EventStream] = field(default_factory=list)  # detached but resumable, oldest first
     _standalone: EventStream | None = None
     _funnel: EventStream | None = None
-    _watch_wake: anyio.Event = field(default_factory=anyio.Event)
-    _send_locks: dict[str, anyio.Lock] = field(default_factory=dict)
+    _loop: asyncio.AbstractEventLoop | None = None  # the loop the session runs on, once started
+    # The deadline watcher sleeps until _watch_at; _watch_nudge wakes it sooner (a nearer deadline).
+    _watch_at: float = math.inf
+    _watch_nudge: Wakeup = field(default_factory=Wakeup)
+    _outboxes: dict[str, _Outbox] = field(default_factory=dict)  # per target, drained by its sender task
     _closing: bool = False
     _closer: asyncio.Task[None] | None = None
     on_closed: Callable[[FederatedSession], None] | None = None
@@ -271,7 +309,8 @@ class FederatedSession:
 
         Processes start on first send, so a fresh session's failures reach the federation (failure mode).
         """
-        self._runner = asyncio.get_running_loop().create_task(self._run())
+        self._loop = loop = asyncio.get_running_loop()
+        self._runner = loop.create_task(self._run())
         await self._ready.wait()
         assert self._tasks is not None
         self.active += 1  # not idle while resuming
@@ -285,8 +324,9 @@ class FederatedSession:
             self.active -= 1
             self.last_used = time.monotonic()
         for name in self.channels:
-            self._send_locks[name] = anyio.Lock()
+            self._outboxes[name] = outbox = _Outbox(loop)
             self._tasks.start_soon(self._pump, name)
+            self._tasks.start_soon(self._sender, name, outbox)
 
     async def _run(self) -> None:
         async with anyio.create_task_group() as tasks:
@@ -308,7 +348,12 @@ class FederatedSession:
                 return
 
     async def _watch_streams(self) -> None:
-        """Answer requests at their deadline; forget disconnected streams once the replay window passed."""
+        """Answer requests at their deadline; forget disconnected streams once the replay window passed.
+
+        It sleeps until the nearest of those times; a request or a detached stream only wakes it when
+        it brings a nearer one (``_wake_watch``), so a request with the usual bound costs it nothing.
+        """
+        nudge = self._watch_nudge
         while True:
             now = time.monotonic()
             for stream in [s for s in self._requests if s.deadline <= now]:
@@ -316,9 +361,14 @@ class FederatedSession:
             while (retained_until := self._retention_end()) <= now:
                 self._forget(self._retained[0])
             wake_at = min(retained_until, min((s.deadline for s in self._requests), default=math.inf))
-            self._watch_wake = nudge = anyio.Event()
-            with anyio.move_on_after(wake_at - now):
-                await nudge.wait()
+            self._watch_at = wake_at
+            await nudge.wait(nudge.loop.time() + (wake_at - now) if wake_at < math.inf else None)
+
+    def _wake_watch(self, at: float) -> None:
+        """Something is due at ``at``: wake the watcher if it sleeps past that."""
+        if at < self._watch_at:
+            self._watch_at = at
+            self._watch_nudge.notify()
 
     def _retention_end(self) -> float:
         """When the oldest disconnected stream stops being resumable (inf if there is none)."""
@@ -407,14 +457,16 @@ class FederatedSession:
     def open_request(self, request_id: RequestId, progress_token: Any, timeout: float) -> EventStream:
         """Register a client request before submitting it; its messages go to the returned stream, and
         ``timeout`` seconds from now the session answers it with an error. RequestIdInUse if pending."""
-        if any(stream.request_id == request_id for stream in self._requests):
-            raise RequestIdInUse(f"request id {request_id!r} is already in use")
+        for pending in self._requests:
+            if pending.request_id == request_id:
+                raise RequestIdInUse(f"request id {request_id!r} is already in use")
         stream = EventStream(
             self._new_key("r"),
             self.replay,
             request_id=request_id,
             progress_token=progress_token,
             deadline=time.monotonic() + timeout,
+            loop=self._loop,
         )
         if self._closing:
             stream.close()
@@ -423,14 +475,14 @@ class FederatedSession:
         if self._funnel is None:
             self._streams[stream.key] = stream
         self.active += 1
-        self._watch_wake.set()
+        self._wake_watch(stream.deadline)
         return stream
 
     def open_standalone(self) -> EventStream:
         """A fresh standalone (GET) stream; it replaces the previous one, whose reader ends."""
         if self._standalone is not None:
             self._forget(self._standalone)
-        stream = EventStream(self._new_key("g"), self.replay)
+        stream = EventStream(self._new_key("g"), self.replay, loop=self._loop)
         if self._closing:
             stream.close()
             return stream
@@ -450,7 +502,7 @@ class FederatedSession:
     def open_funnel(self) -> EventStream:
         """Legacy HTTP+SSE: the one stream every message for the client goes to; it keeps the session
         alive (no idle expiry) and keeps no event once read (that transport cannot resume)."""
-        stream = EventStream(self._new_key("l"), self.replay, keep=False)
+        stream = EventStream(self._new_key("l"), self.replay, keep=False, loop=self._loop)
         if self._closing:
             stream.close()
             return stream
@@ -489,7 +541,7 @@ class FederatedSession:
         self._retained.append(stream)
         if len(self._retained) > self.replay.retained_streams:
             self._forget(self._retained[0])
-        self._watch_wake.set()
+        self._wake_watch(self._retention_end())
 
     def _forget(self, stream: EventStream) -> None:
         """Drop a stream for good; a request nobody can receive the answer of any more is cancelled."""
@@ -561,10 +613,15 @@ class FederatedSession:
             if sent is not None and "method" not in message and message.get("id") == sent.get("id"):
                 del self._initializing[name]
                 if "error" in message and self._modern_only_swap(name, message) is not None:
-                    assert self._tasks is not None
-                    self._tasks.start_soon(self._send, name, sent)  # the same initialize, now over discover
+                    self._outboxes[name].put(sent)  # the same initialize, now over discover
                     continue
             self._act(self.federation.receive_from_target(name, message))
+
+    async def _sender(self, name: str, outbox: _Outbox) -> None:
+        """Send a target's messages one at a time, in order: a send to an HTTP target waits for the
+        response head, and a target's messages must not overtake each other."""
+        while True:
+            await self._send(name, await outbox.get())
 
     async def _send(self, name: str, message: JSON) -> None:
         channel = self.channels.get(name)
@@ -574,8 +631,7 @@ class FederatedSession:
         if message.get("method") == "initialize":
             self._initializing[name] = message
         try:
-            async with self._send_locks[name]:
-                await self.channels[name].send(message)
+            await channel.send(message)
         except (TargetUnavailable, TargetClosed) as exc:
             log.warning("mcp_target_failed", backend=self.cluster.name, target=name, error=str(exc))
             self._act(self.federation.target_failed(name, str(exc) or f"MCP target {name!r} failed"))
@@ -591,22 +647,27 @@ class FederatedSession:
 
     def _act(self, actions: list[Action]) -> None:
         for action in actions:
-            if isinstance(action, SendToClient):
+            if type(action) is SendToClient:
                 self._to_client(action.message)
             elif self._tasks is not None and not self._closing:
-                # A send to an HTTP target waits for the response head; never hold up the others.
-                self._tasks.start_soon(self._send, action.target, action.message)
+                # Each target's sender task sends in turn, so a slow target never holds up the others.
+                outbox = self._outboxes.get(action.target)
+                if outbox is not None:
+                    outbox.put(action.message)
+                else:  # not a target of this session: _send reports it to the federation
+                    self._tasks.start_soon(self._send, action.target, action.message)
 
     def _to_client(self, message: JSON) -> None:
         if "method" not in message:
             request_id = message.get("id")
-            stream = next((s for s in self._requests if s.request_id == request_id), None)
-            if stream is None:
-                log.info("mcp_client_response_dropped", backend=self.cluster.name, id=request_id)
-                return
-            self._requests.remove(stream)
-            self._settled()
-            self._deliver(stream, message)
+            requests = self._requests
+            for index, stream in enumerate(requests):
+                if stream.request_id == request_id:
+                    del requests[index]
+                    self._settled()
+                    self._deliver(stream, message)
+                    return
+            log.info("mcp_client_response_dropped", backend=self.cluster.name, id=request_id)
             return
         target = self._funnel or self._route(message)
         if target is None:

@@ -11,7 +11,16 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dataplane.http.errors import RetryableUpstreamError, UpstreamProtocolError, UpstreamReset
-from dataplane.http.h1codec import END, EndOfMessage, ParseFailure, ResponseHead, ResponseParser, chunk, last_chunk
+from dataplane.http.h1codec import (
+    END,
+    LAST_CHUNK,
+    EndOfMessage,
+    ParseFailure,
+    ResponseHead,
+    ResponseParser,
+    chunk,
+    last_chunk,
+)
 from dataplane.http.stream import ByteStream, StreamClosed
 from dataplane.upstream.exchange import Headers, UpstreamRequest
 
@@ -66,14 +75,18 @@ class Http1Upstream:
         self._in_use = True
 
     # --- request side --------------------------------------------------------------------
-    def begin(self, request: UpstreamRequest) -> None:
-        """Write the request head; a body, if any, follows through send_data/end_request."""
+    def begin(self, request: UpstreamRequest, body: bytes | None = None) -> None:
+        """Write the request head; a body, if any, follows through send_data/end_request.
+
+        With ``body`` the whole request goes out in one write (one syscall, one segment for a small
+        message) and the request side is complete: no send_data/end_request follows.
+        """
         self._in_use = True
         self._head = None
         self._failure = None
         self._trailers = END.trailers
         self._response_ended = False
-        self._request_ended = not request.has_body
+        self._request_ended = not request.has_body or body is not None
         chunked = self._chunked = request.has_body and request.content_length is None
         self._parser.expect(request.method == b"HEAD")
         parts = [request.method, b" ", request.target, b" HTTP/1.1\r\nhost: ", request.authority, b"\r\n"]
@@ -82,11 +95,30 @@ class Http1Upstream:
         if chunked:
             parts.append(b"transfer-encoding: chunked\r\n")
         parts.append(b"\r\n")
+        if body is not None:
+            if chunked:
+                if body:
+                    parts.append(chunk(body))
+                parts.append(LAST_CHUNK)
+            else:
+                parts.append(body)
         try:
             self._stream.write(b"".join(parts))
         except StreamClosed:
             self.abort()
             raise self._closed_error() from None
+
+    @property
+    def write_paused(self) -> bool:
+        """The connection's write buffer is above its high-water mark (see ``drain``)."""
+        return self._stream.write_paused
+
+    async def drain(self) -> None:
+        """Wait until the written request left the write buffer (back-pressure after ``begin`` with a body)."""
+        try:
+            await self._stream.drain()
+        except StreamClosed:
+            raise UpstreamReset(f"upstream {self.authority} closed the connection during the request") from None
 
     async def send_data(self, data: bytes) -> None:
         stream = self._stream
@@ -118,7 +150,11 @@ class Http1Upstream:
         self.abort()
         return UpstreamProtocolError(f"invalid response from upstream {self.authority}: {failure.reason}")
 
-    async def response(self) -> ResponseHead:
+    async def response(self, deadline: float | None = None) -> ResponseHead:
+        """The response head; with ``deadline`` (loop time), ReadTimeout if no byte comes by then.
+
+        A deadline here costs one timer per wait, where a cancel scope around the call costs far more.
+        """
         head = self._head
         if head is not None:
             return head
@@ -127,7 +163,7 @@ class Http1Upstream:
         while True:
             event = parser.next_event()
             if event is None:
-                data = await stream.receive()
+                data = await stream.receive(deadline)
                 if data:
                     parser.feed(data)
                     continue

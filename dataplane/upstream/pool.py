@@ -163,11 +163,13 @@ class Http1Pool(_Pool):
             raise
         return conn
 
-    async def open(self, request: UpstreamRequest) -> Exchange:
-        """Send the head of a request whose body the caller streams next."""
+    async def open(self, request: UpstreamRequest, body: bytes | None = None) -> Http1Upstream:
+        """Send the head of a request whose body the caller streams next; with ``body``, send the
+        whole request in one write (the request side is then complete; a caller that bounds its
+        memory awaits ``drain()`` when ``write_paused``)."""
         conn = await self._acquire(fresh=False)
         try:
-            conn.begin(request)
+            conn.begin(request, body)
         except BaseException:
             conn.abort()
             raise

@@ -397,3 +397,20 @@ async def test_a_session_id_too_long_to_seal_is_a_json_rpc_error_on_initialize()
         with anyio.fail_after(10):
             await ended.wait()
         assert deleted == ["s" * 3000]
+
+
+async def test_a_body_that_stops_arriving_gets_408_within_the_route_timeout(http_target: int) -> None:
+    port = free_port()
+    config = mcp_config(port, http_target, request_timeout=0.5, stdio=False)
+    head = (
+        b"POST /mcp HTTP/1.1\r\nhost: 127.0.0.1\r\ncontent-type: application/json\r\n"
+        b"accept: application/json, text/event-stream\r\ncontent-length: 100\r\n\r\n"
+    )
+    async with running_proxy(config):
+        with anyio.fail_after(10):
+            async with await anyio.connect_tcp("127.0.0.1", port) as stream:
+                await stream.send(head + b'{"jsonrpc": "2.0", ')  # and then nothing more
+                answer = b""
+                while b"\r\n\r\n" not in answer:
+                    answer += await stream.receive()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
