@@ -29,6 +29,7 @@ SECRET = "Secret"
 CONFIG_MAP = "ConfigMap"
 SERVICE = "Service"
 BACKEND = "Backend"
+POLICY = "Policy"
 
 SECRET_TYPE_TLS = "kubernetes.io/tls"
 
@@ -54,6 +55,7 @@ KINDS: Mapping[tuple[str, str], KindInfo] = {
         KindInfo(CORE_GROUP, CONFIG_MAP, frozenset({"v1"}), namespaced=True),
         KindInfo(CORE_GROUP, SERVICE, frozenset({"v1"}), namespaced=True),
         KindInfo(AGENTGATE_GROUP, BACKEND, frozenset({"v1alpha1"}), namespaced=True),
+        KindInfo(AGENTGATE_GROUP, POLICY, frozenset({"v1alpha1"}), namespaced=True),
     )
 }
 _KIND_BY_NAME: Mapping[str, KindInfo] = {info.kind: info for info in KINDS.values()}

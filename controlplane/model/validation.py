@@ -36,12 +36,14 @@ from controlplane.model.objects import (
     GATEWAY_CLASS,
     HTTP_ROUTE,
     NAMESPACE,
+    POLICY,
     REFERENCE_GRANT,
     SECRET,
     SECRET_TYPE_TLS,
     SERVICE,
     KubeObject,
 )
+from controlplane.model.policy import check_policy
 from shared.mcp_names import target_name_problem
 from shared.origins import origin_problem
 from shared.regex import compile_regex
@@ -819,4 +821,5 @@ _KIND_CHECKS: Mapping[str, Callable[[_Checker, KubeObject], None]] = {
     CONFIG_MAP: _config_map,
     SERVICE: _service,
     BACKEND: _backend,
+    POLICY: check_policy,
 }

@@ -38,6 +38,8 @@ REASON_BACKEND_NOT_FOUND = "BackendNotFound"
 REASON_INVALID_KIND = "InvalidKind"
 REASON_INVALID_CA_CERTIFICATE_REF = "InvalidCACertificateRef"
 REASON_INVALID_SESSION_KEY_REF = "InvalidSessionKeyRef"
+# Policy attachment (GEP-713).
+REASON_TARGET_NOT_FOUND = "TargetNotFound"
 
 
 @dataclass(frozen=True, slots=True)

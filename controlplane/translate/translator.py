@@ -25,6 +25,7 @@ from controlplane.translate.conditions import (
 )
 from controlplane.translate.gateways import CertificateCache, GatewayState, evaluate_gateway
 from controlplane.translate.index import ObjectIndex, describe_errors
+from controlplane.translate.policies import translate_policies
 from controlplane.translate.routes import (
     Attachment,
     CompiledRoute,
@@ -36,7 +37,7 @@ from controlplane.translate.routes import (
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.resources import BACKEND as BACKEND_TYPE
-from shared.resources import LISTENER, ROUTE, TARGET, TYPE_ORDER, ResourceMap
+from shared.resources import LISTENER, POLICY, ROUTE, TARGET, TYPE_ORDER, ResourceMap
 
 CONTROLLER_NAME = "agentgate.dev/gateway-controller"
 
@@ -128,6 +129,9 @@ def translate(objects: Iterable[KubeObject], *, controller_name: str = CONTROLLE
         statuses.append(_status(obj, body))
 
     snapshots = {key: _snapshot(gateways[key], attached.get(key, {})) for key in sorted(gateways)}
+    policies = translate_policies(index, snapshots)
+    snapshots = {key: {**resources, POLICY: policies.policies[key]} for key, resources in snapshots.items()}
+    statuses.extend(_status(obj, body) for obj, body in policies.statuses)
     statuses.sort(key=lambda s: (s.kind, s.namespace, s.name))
     return TranslationResult(snapshots=snapshots, statuses=tuple(statuses))
 

@@ -31,6 +31,7 @@ from dataplane.config.model import (
     UpstreamProtocolName,
     UpstreamTarget,
 )
+from dataplane.config.policy import compile_policies
 from dataplane.config.routes import compile_route
 from dataplane.config.tls import client_context, server_context, sni_selector
 from dataplane.config.validate import (
@@ -72,6 +73,7 @@ def compile_config(resources: ResourceMap, *, version: str) -> RuntimeConfig:
         # A listener the route names may be gone already: the control plane orders updates.
         for bind in dict.fromkeys(group_of_listener[n] for n in route.listeners if n in group_of_listener):
             rules_by_group[bind].append(rule)
+    policies = compile_policies(errors, resources)
     errors.raise_if_any()
     listener_groups = {
         bind: ListenerGroup(
@@ -87,6 +89,7 @@ def compile_config(resources: ResourceMap, *, version: str) -> RuntimeConfig:
         version=version,
         listeners=MappingProxyType(listener_groups),
         backends=MappingProxyType(backends),
+        policies=policies,
         resources=MappingProxyType(
             {type_url: MappingProxyType(dict(by_name)) for type_url, by_name in resources.items()}
         ),

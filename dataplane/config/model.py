@@ -17,6 +17,7 @@ from itertools import accumulate
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Literal
 
+from dataplane.config.policy import EMPTY_POLICY_INDEX, PolicyIndex
 from shared.origins import OriginAllowList
 from shared.resources import ResourceMap
 
@@ -251,6 +252,8 @@ class RuntimeConfig:
     backends: Mapping[str, UpstreamCluster]
     # The raw resources this was compiled from, for the config dump.
     resources: ResourceMap
+    # Effective policies per (listener, rule), backend and (listener, rule, backend).
+    policies: PolicyIndex = EMPTY_POLICY_INDEX
 
     @staticmethod
     def empty() -> RuntimeConfig:

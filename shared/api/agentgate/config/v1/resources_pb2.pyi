@@ -28,6 +28,18 @@ class UpstreamProtocol(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     UPSTREAM_PROTOCOL_UNSPECIFIED: _ClassVar[UpstreamProtocol]
     UPSTREAM_PROTOCOL_HTTP1: _ClassVar[UpstreamProtocol]
     UPSTREAM_PROTOCOL_HTTP2: _ClassVar[UpstreamProtocol]
+
+class LimitScope(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LIMIT_SCOPE_UNSPECIFIED: _ClassVar[LimitScope]
+    LIMIT_SCOPE_LOCAL: _ClassVar[LimitScope]
+    LIMIT_SCOPE_GLOBAL: _ClassVar[LimitScope]
+
+class StoreDownPolicy(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    STORE_DOWN_POLICY_UNSPECIFIED: _ClassVar[StoreDownPolicy]
+    STORE_DOWN_POLICY_FAIL_OPEN: _ClassVar[StoreDownPolicy]
+    STORE_DOWN_POLICY_FAIL_CLOSED: _ClassVar[StoreDownPolicy]
 LISTENER_PROTOCOL_UNSPECIFIED: ListenerProtocol
 LISTENER_PROTOCOL_HTTP: ListenerProtocol
 LISTENER_PROTOCOL_HTTPS: ListenerProtocol
@@ -37,6 +49,12 @@ STRING_MATCH_KIND_REGEX: StringMatchKind
 UPSTREAM_PROTOCOL_UNSPECIFIED: UpstreamProtocol
 UPSTREAM_PROTOCOL_HTTP1: UpstreamProtocol
 UPSTREAM_PROTOCOL_HTTP2: UpstreamProtocol
+LIMIT_SCOPE_UNSPECIFIED: LimitScope
+LIMIT_SCOPE_LOCAL: LimitScope
+LIMIT_SCOPE_GLOBAL: LimitScope
+STORE_DOWN_POLICY_UNSPECIFIED: StoreDownPolicy
+STORE_DOWN_POLICY_FAIL_OPEN: StoreDownPolicy
+STORE_DOWN_POLICY_FAIL_CLOSED: StoreDownPolicy
 
 class Listener(_message.Message):
     __slots__ = ("name", "gateway", "address", "port", "protocol", "hostname", "tls")
@@ -390,12 +408,34 @@ class EnvironmentVariable(_message.Message):
     def __init__(self, name: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
 
 class Policy(_message.Message):
-    __slots__ = ("name", "targets")
+    __slots__ = ("name", "targets", "creation_unix_seconds", "invalid_reason", "authentication", "authorization", "rate_limits", "token_budgets", "resilience", "cors", "request_headers", "response_headers", "upstream_credentials")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TARGETS_FIELD_NUMBER: _ClassVar[int]
+    CREATION_UNIX_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    INVALID_REASON_FIELD_NUMBER: _ClassVar[int]
+    AUTHENTICATION_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_FIELD_NUMBER: _ClassVar[int]
+    RATE_LIMITS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    RESILIENCE_FIELD_NUMBER: _ClassVar[int]
+    CORS_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    RESPONSE_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    UPSTREAM_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
     name: str
     targets: _containers.RepeatedCompositeFieldContainer[PolicyTargetRef]
-    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PolicyTargetRef, _Mapping]]] = ...) -> None: ...
+    creation_unix_seconds: int
+    invalid_reason: str
+    authentication: Authentication
+    authorization: Authorization
+    rate_limits: RateLimits
+    token_budgets: TokenBudgets
+    resilience: Resilience
+    cors: Cors
+    request_headers: HeaderModifier
+    response_headers: HeaderModifier
+    upstream_credentials: UpstreamCredentials
+    def __init__(self, name: _Optional[str] = ..., targets: _Optional[_Iterable[_Union[PolicyTargetRef, _Mapping]]] = ..., creation_unix_seconds: _Optional[int] = ..., invalid_reason: _Optional[str] = ..., authentication: _Optional[_Union[Authentication, _Mapping]] = ..., authorization: _Optional[_Union[Authorization, _Mapping]] = ..., rate_limits: _Optional[_Union[RateLimits, _Mapping]] = ..., token_budgets: _Optional[_Union[TokenBudgets, _Mapping]] = ..., resilience: _Optional[_Union[Resilience, _Mapping]] = ..., cors: _Optional[_Union[Cors, _Mapping]] = ..., request_headers: _Optional[_Union[HeaderModifier, _Mapping]] = ..., response_headers: _Optional[_Union[HeaderModifier, _Mapping]] = ..., upstream_credentials: _Optional[_Union[UpstreamCredentials, _Mapping]] = ...) -> None: ...
 
 class PolicyTargetRef(_message.Message):
     __slots__ = ("kind", "name")
@@ -418,3 +458,297 @@ class PolicyTargetRef(_message.Message):
     kind: PolicyTargetRef.Kind
     name: str
     def __init__(self, kind: _Optional[_Union[PolicyTargetRef.Kind, str]] = ..., name: _Optional[str] = ...) -> None: ...
+
+class Authentication(_message.Message):
+    __slots__ = ("mode", "jwt_providers", "service_account_providers", "api_keys", "basic", "forward_credentials", "protected_resource")
+    class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        MODE_UNSPECIFIED: _ClassVar[Authentication.Mode]
+        MODE_STRICT: _ClassVar[Authentication.Mode]
+        MODE_OPTIONAL: _ClassVar[Authentication.Mode]
+        MODE_PERMISSIVE: _ClassVar[Authentication.Mode]
+    MODE_UNSPECIFIED: Authentication.Mode
+    MODE_STRICT: Authentication.Mode
+    MODE_OPTIONAL: Authentication.Mode
+    MODE_PERMISSIVE: Authentication.Mode
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    JWT_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    SERVICE_ACCOUNT_PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    API_KEYS_FIELD_NUMBER: _ClassVar[int]
+    BASIC_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    PROTECTED_RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    mode: Authentication.Mode
+    jwt_providers: _containers.RepeatedCompositeFieldContainer[JwtProvider]
+    service_account_providers: _containers.RepeatedCompositeFieldContainer[ServiceAccountProvider]
+    api_keys: ApiKeyAuthentication
+    basic: BasicAuthentication
+    forward_credentials: bool
+    protected_resource: ProtectedResourceMetadata
+    def __init__(self, mode: _Optional[_Union[Authentication.Mode, str]] = ..., jwt_providers: _Optional[_Iterable[_Union[JwtProvider, _Mapping]]] = ..., service_account_providers: _Optional[_Iterable[_Union[ServiceAccountProvider, _Mapping]]] = ..., api_keys: _Optional[_Union[ApiKeyAuthentication, _Mapping]] = ..., basic: _Optional[_Union[BasicAuthentication, _Mapping]] = ..., forward_credentials: _Optional[bool] = ..., protected_resource: _Optional[_Union[ProtectedResourceMetadata, _Mapping]] = ...) -> None: ...
+
+class Jwks(_message.Message):
+    __slots__ = ("inline", "file", "url", "refresh_interval")
+    INLINE_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    URL_FIELD_NUMBER: _ClassVar[int]
+    REFRESH_INTERVAL_FIELD_NUMBER: _ClassVar[int]
+    inline: str
+    file: str
+    url: str
+    refresh_interval: _duration_pb2.Duration
+    def __init__(self, inline: _Optional[str] = ..., file: _Optional[str] = ..., url: _Optional[str] = ..., refresh_interval: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class JwtProvider(_message.Message):
+    __slots__ = ("name", "issuer", "audiences", "jwks", "algorithms", "leeway", "required_claims", "principal_claim", "claims_to_headers", "allow_missing_expiry")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    JWKS_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHMS_FIELD_NUMBER: _ClassVar[int]
+    LEEWAY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_CLAIMS_FIELD_NUMBER: _ClassVar[int]
+    PRINCIPAL_CLAIM_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_TO_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_MISSING_EXPIRY_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    issuer: str
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    jwks: Jwks
+    algorithms: _containers.RepeatedScalarFieldContainer[str]
+    leeway: _duration_pb2.Duration
+    required_claims: _containers.RepeatedScalarFieldContainer[str]
+    principal_claim: str
+    claims_to_headers: _containers.RepeatedCompositeFieldContainer[ClaimToHeader]
+    allow_missing_expiry: bool
+    def __init__(self, name: _Optional[str] = ..., issuer: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., jwks: _Optional[_Union[Jwks, _Mapping]] = ..., algorithms: _Optional[_Iterable[str]] = ..., leeway: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., required_claims: _Optional[_Iterable[str]] = ..., principal_claim: _Optional[str] = ..., claims_to_headers: _Optional[_Iterable[_Union[ClaimToHeader, _Mapping]]] = ..., allow_missing_expiry: _Optional[bool] = ...) -> None: ...
+
+class ServiceAccountProvider(_message.Message):
+    __slots__ = ("name", "issuer", "audiences", "jwks", "token_review", "leeway", "claims_to_headers")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    ISSUER_FIELD_NUMBER: _ClassVar[int]
+    AUDIENCES_FIELD_NUMBER: _ClassVar[int]
+    JWKS_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_REVIEW_FIELD_NUMBER: _ClassVar[int]
+    LEEWAY_FIELD_NUMBER: _ClassVar[int]
+    CLAIMS_TO_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    issuer: str
+    audiences: _containers.RepeatedScalarFieldContainer[str]
+    jwks: Jwks
+    token_review: bool
+    leeway: _duration_pb2.Duration
+    claims_to_headers: _containers.RepeatedCompositeFieldContainer[ClaimToHeader]
+    def __init__(self, name: _Optional[str] = ..., issuer: _Optional[str] = ..., audiences: _Optional[_Iterable[str]] = ..., jwks: _Optional[_Union[Jwks, _Mapping]] = ..., token_review: _Optional[bool] = ..., leeway: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., claims_to_headers: _Optional[_Iterable[_Union[ClaimToHeader, _Mapping]]] = ...) -> None: ...
+
+class ClaimToHeader(_message.Message):
+    __slots__ = ("claim", "header")
+    CLAIM_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    claim: str
+    header: str
+    def __init__(self, claim: _Optional[str] = ..., header: _Optional[str] = ...) -> None: ...
+
+class ApiKeyAuthentication(_message.Message):
+    __slots__ = ("keys", "header")
+    class Key(_message.Message):
+        __slots__ = ("name", "sha256")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        SHA256_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        sha256: str
+        def __init__(self, name: _Optional[str] = ..., sha256: _Optional[str] = ...) -> None: ...
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    keys: _containers.RepeatedCompositeFieldContainer[ApiKeyAuthentication.Key]
+    header: str
+    def __init__(self, keys: _Optional[_Iterable[_Union[ApiKeyAuthentication.Key, _Mapping]]] = ..., header: _Optional[str] = ...) -> None: ...
+
+class BasicAuthentication(_message.Message):
+    __slots__ = ("users", "realm")
+    class User(_message.Message):
+        __slots__ = ("name", "password_hash")
+        NAME_FIELD_NUMBER: _ClassVar[int]
+        PASSWORD_HASH_FIELD_NUMBER: _ClassVar[int]
+        name: str
+        password_hash: str
+        def __init__(self, name: _Optional[str] = ..., password_hash: _Optional[str] = ...) -> None: ...
+    USERS_FIELD_NUMBER: _ClassVar[int]
+    REALM_FIELD_NUMBER: _ClassVar[int]
+    users: _containers.RepeatedCompositeFieldContainer[BasicAuthentication.User]
+    realm: str
+    def __init__(self, users: _Optional[_Iterable[_Union[BasicAuthentication.User, _Mapping]]] = ..., realm: _Optional[str] = ...) -> None: ...
+
+class ProtectedResourceMetadata(_message.Message):
+    __slots__ = ("resource", "authorization_servers", "scopes_supported", "bearer_methods_supported", "resource_name", "resource_documentation")
+    RESOURCE_FIELD_NUMBER: _ClassVar[int]
+    AUTHORIZATION_SERVERS_FIELD_NUMBER: _ClassVar[int]
+    SCOPES_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    BEARER_METHODS_SUPPORTED_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_NAME_FIELD_NUMBER: _ClassVar[int]
+    RESOURCE_DOCUMENTATION_FIELD_NUMBER: _ClassVar[int]
+    resource: str
+    authorization_servers: _containers.RepeatedScalarFieldContainer[str]
+    scopes_supported: _containers.RepeatedScalarFieldContainer[str]
+    bearer_methods_supported: _containers.RepeatedScalarFieldContainer[str]
+    resource_name: str
+    resource_documentation: str
+    def __init__(self, resource: _Optional[str] = ..., authorization_servers: _Optional[_Iterable[str]] = ..., scopes_supported: _Optional[_Iterable[str]] = ..., bearer_methods_supported: _Optional[_Iterable[str]] = ..., resource_name: _Optional[str] = ..., resource_documentation: _Optional[str] = ...) -> None: ...
+
+class Authorization(_message.Message):
+    __slots__ = ("allow", "deny", "require")
+    ALLOW_FIELD_NUMBER: _ClassVar[int]
+    DENY_FIELD_NUMBER: _ClassVar[int]
+    REQUIRE_FIELD_NUMBER: _ClassVar[int]
+    allow: _containers.RepeatedScalarFieldContainer[str]
+    deny: _containers.RepeatedScalarFieldContainer[str]
+    require: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, allow: _Optional[_Iterable[str]] = ..., deny: _Optional[_Iterable[str]] = ..., require: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class RedisStore(_message.Message):
+    __slots__ = ("url", "username", "password")
+    URL_FIELD_NUMBER: _ClassVar[int]
+    USERNAME_FIELD_NUMBER: _ClassVar[int]
+    PASSWORD_FIELD_NUMBER: _ClassVar[int]
+    url: str
+    username: str
+    password: str
+    def __init__(self, url: _Optional[str] = ..., username: _Optional[str] = ..., password: _Optional[str] = ...) -> None: ...
+
+class RateLimits(_message.Message):
+    __slots__ = ("limits",)
+    LIMITS_FIELD_NUMBER: _ClassVar[int]
+    limits: _containers.RepeatedCompositeFieldContainer[RateLimit]
+    def __init__(self, limits: _Optional[_Iterable[_Union[RateLimit, _Mapping]]] = ...) -> None: ...
+
+class TokenBudgets(_message.Message):
+    __slots__ = ("budgets",)
+    BUDGETS_FIELD_NUMBER: _ClassVar[int]
+    budgets: _containers.RepeatedCompositeFieldContainer[TokenBudget]
+    def __init__(self, budgets: _Optional[_Iterable[_Union[TokenBudget, _Mapping]]] = ...) -> None: ...
+
+class RateLimit(_message.Message):
+    __slots__ = ("name", "key", "unit", "capacity", "refill", "per", "scope", "store", "on_store_down")
+    class Unit(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        UNIT_UNSPECIFIED: _ClassVar[RateLimit.Unit]
+        UNIT_REQUESTS: _ClassVar[RateLimit.Unit]
+        UNIT_TOKENS: _ClassVar[RateLimit.Unit]
+    UNIT_UNSPECIFIED: RateLimit.Unit
+    UNIT_REQUESTS: RateLimit.Unit
+    UNIT_TOKENS: RateLimit.Unit
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    UNIT_FIELD_NUMBER: _ClassVar[int]
+    CAPACITY_FIELD_NUMBER: _ClassVar[int]
+    REFILL_FIELD_NUMBER: _ClassVar[int]
+    PER_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    ON_STORE_DOWN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    unit: RateLimit.Unit
+    capacity: int
+    refill: int
+    per: _duration_pb2.Duration
+    scope: LimitScope
+    store: RedisStore
+    on_store_down: StoreDownPolicy
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., unit: _Optional[_Union[RateLimit.Unit, str]] = ..., capacity: _Optional[int] = ..., refill: _Optional[int] = ..., per: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., scope: _Optional[_Union[LimitScope, str]] = ..., store: _Optional[_Union[RedisStore, _Mapping]] = ..., on_store_down: _Optional[_Union[StoreDownPolicy, str]] = ...) -> None: ...
+
+class TokenBudget(_message.Message):
+    __slots__ = ("name", "key", "tokens", "period", "window", "scope", "store", "on_store_down")
+    class Period(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        PERIOD_UNSPECIFIED: _ClassVar[TokenBudget.Period]
+        PERIOD_MINUTE: _ClassVar[TokenBudget.Period]
+        PERIOD_HOUR: _ClassVar[TokenBudget.Period]
+        PERIOD_DAY: _ClassVar[TokenBudget.Period]
+        PERIOD_WEEK: _ClassVar[TokenBudget.Period]
+        PERIOD_MONTH: _ClassVar[TokenBudget.Period]
+    PERIOD_UNSPECIFIED: TokenBudget.Period
+    PERIOD_MINUTE: TokenBudget.Period
+    PERIOD_HOUR: TokenBudget.Period
+    PERIOD_DAY: TokenBudget.Period
+    PERIOD_WEEK: TokenBudget.Period
+    PERIOD_MONTH: TokenBudget.Period
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    KEY_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    PERIOD_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_FIELD_NUMBER: _ClassVar[int]
+    SCOPE_FIELD_NUMBER: _ClassVar[int]
+    STORE_FIELD_NUMBER: _ClassVar[int]
+    ON_STORE_DOWN_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    key: str
+    tokens: int
+    period: TokenBudget.Period
+    window: _duration_pb2.Duration
+    scope: LimitScope
+    store: RedisStore
+    on_store_down: StoreDownPolicy
+    def __init__(self, name: _Optional[str] = ..., key: _Optional[str] = ..., tokens: _Optional[int] = ..., period: _Optional[_Union[TokenBudget.Period, str]] = ..., window: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., scope: _Optional[_Union[LimitScope, str]] = ..., store: _Optional[_Union[RedisStore, _Mapping]] = ..., on_store_down: _Optional[_Union[StoreDownPolicy, str]] = ...) -> None: ...
+
+class Resilience(_message.Message):
+    __slots__ = ("request_timeout", "per_try_timeout", "stream_idle_timeout", "retry")
+    REQUEST_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    PER_TRY_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    STREAM_IDLE_TIMEOUT_FIELD_NUMBER: _ClassVar[int]
+    RETRY_FIELD_NUMBER: _ClassVar[int]
+    request_timeout: _duration_pb2.Duration
+    per_try_timeout: _duration_pb2.Duration
+    stream_idle_timeout: _duration_pb2.Duration
+    retry: Retry
+    def __init__(self, request_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., per_try_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., stream_idle_timeout: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., retry: _Optional[_Union[Retry, _Mapping]] = ...) -> None: ...
+
+class Retry(_message.Message):
+    __slots__ = ("attempts", "backoff_base", "backoff_max", "on", "status_codes", "retry_non_idempotent_mcp")
+    class On(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        ON_UNSPECIFIED: _ClassVar[Retry.On]
+        ON_5XX: _ClassVar[Retry.On]
+        ON_RESET: _ClassVar[Retry.On]
+        ON_CONNECT_FAILURE: _ClassVar[Retry.On]
+    ON_UNSPECIFIED: Retry.On
+    ON_5XX: Retry.On
+    ON_RESET: Retry.On
+    ON_CONNECT_FAILURE: Retry.On
+    ATTEMPTS_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_BASE_FIELD_NUMBER: _ClassVar[int]
+    BACKOFF_MAX_FIELD_NUMBER: _ClassVar[int]
+    ON_FIELD_NUMBER: _ClassVar[int]
+    STATUS_CODES_FIELD_NUMBER: _ClassVar[int]
+    RETRY_NON_IDEMPOTENT_MCP_FIELD_NUMBER: _ClassVar[int]
+    attempts: int
+    backoff_base: _duration_pb2.Duration
+    backoff_max: _duration_pb2.Duration
+    on: _containers.RepeatedScalarFieldContainer[Retry.On]
+    status_codes: _containers.RepeatedScalarFieldContainer[int]
+    retry_non_idempotent_mcp: bool
+    def __init__(self, attempts: _Optional[int] = ..., backoff_base: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., backoff_max: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ..., on: _Optional[_Iterable[_Union[Retry.On, str]]] = ..., status_codes: _Optional[_Iterable[int]] = ..., retry_non_idempotent_mcp: _Optional[bool] = ...) -> None: ...
+
+class Cors(_message.Message):
+    __slots__ = ("allow_origins", "allow_methods", "allow_headers", "expose_headers", "allow_credentials", "max_age")
+    ALLOW_ORIGINS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_METHODS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    EXPOSE_HEADERS_FIELD_NUMBER: _ClassVar[int]
+    ALLOW_CREDENTIALS_FIELD_NUMBER: _ClassVar[int]
+    MAX_AGE_FIELD_NUMBER: _ClassVar[int]
+    allow_origins: _containers.RepeatedScalarFieldContainer[str]
+    allow_methods: _containers.RepeatedScalarFieldContainer[str]
+    allow_headers: _containers.RepeatedScalarFieldContainer[str]
+    expose_headers: _containers.RepeatedScalarFieldContainer[str]
+    allow_credentials: bool
+    max_age: _duration_pb2.Duration
+    def __init__(self, allow_origins: _Optional[_Iterable[str]] = ..., allow_methods: _Optional[_Iterable[str]] = ..., allow_headers: _Optional[_Iterable[str]] = ..., expose_headers: _Optional[_Iterable[str]] = ..., allow_credentials: _Optional[bool] = ..., max_age: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class UpstreamCredentials(_message.Message):
+    __slots__ = ("header", "value")
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    header: str
+    value: str
+    def __init__(self, header: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
