@@ -230,8 +230,17 @@ A2A_OPERATIONS: Mapping[str, str] = MappingProxyType(
 
 
 def jwt_variables(identity: Identity | None) -> Mapping[str, Any]:
-    """``jwt``: the verified claims (empty for API keys, basic auth and anonymous callers)."""
-    return identity.claims if identity is not None else _EMPTY
+    """``jwt``: the verified claims (empty for API keys, basic auth and anonymous callers).
+
+    The claims are also under ``jwt.claims`` (unless a token has a claim of that name), so rules
+    written for kgateway/agentgateway (``jwt.claims.tenant``) work unchanged next to ``jwt.tenant``.
+    """
+    if identity is None or not identity.claims:
+        return _EMPTY
+    claims = identity.claims
+    if "claims" in claims:
+        return claims
+    return {**claims, "claims": claims}
 
 
 def request_variables(

@@ -146,6 +146,8 @@ def test_unusable_variables_deny() -> None:
 SEED = (
     "jwt.tenant == request.headers['x-tenant'] && mcp.tool.name in ['allowed-tool-1', 'allowed-tool-2', 'safe-search']"
 )
+# The same rule as the seed document writes it (kgateway's `jwt.claims.<name>`).
+SEED_AS_WRITTEN = SEED.replace("jwt.tenant", "jwt.claims.tenant")
 
 
 @pytest.mark.parametrize(
@@ -156,8 +158,11 @@ SEED = (
         ("acme", "globex", "safe-search", False),
     ],
 )
-def test_the_seed_tenant_and_tool_rule(tenant_claim: str, tenant_header: str, tool: str, allowed: bool) -> None:
-    rules = RuleSet.compile("multi-tenant-rbac", allow=[SEED])
+@pytest.mark.parametrize("rule", [SEED, SEED_AS_WRITTEN])
+def test_the_seed_tenant_and_tool_rule(
+    tenant_claim: str, tenant_header: str, tool: str, allowed: bool, rule: str
+) -> None:
+    rules = RuleSet.compile("multi-tenant-rbac", allow=[rule])
     identity = caller("alice", {"sub": "alice", "tenant": tenant_claim})
     decision = decide(
         rules,
@@ -280,7 +285,8 @@ def test_source_variables_for_a_service_account_and_for_nobody() -> None:
         "serviceAccount": "agent",
     }
     assert source_variables(b"::1", None) == {"address": "::1", "identity": "", "namespace": "", "serviceAccount": ""}
-    assert jwt_variables(identity) == {"sub": "system:serviceaccount:team-a:agent"}
+    claims = {"sub": "system:serviceaccount:team-a:agent"}
+    assert jwt_variables(identity) == {**claims, "claims": claims}
 
 
 def test_a2a_operation_is_the_one_name_for_both_eras() -> None:
