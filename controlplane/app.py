@@ -9,7 +9,7 @@ being served: it is reported (file, kind/name, field) and the previous config st
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -18,11 +18,14 @@ from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
 from controlplane.grpc_server import start_grpc_server
+from controlplane.jwks import JwksFetcher
+from controlplane.jwks_wiring import JwksWiring
 from controlplane.snapshot import SnapshotCache, SnapshotInconsistent
 from controlplane.sources.folder import FolderSource, FolderState
 from controlplane.translate import translate
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
 from shared.logging import get_logger
+from shared.resources import ResourceMap
 
 log = get_logger("controlplane")
 
@@ -50,11 +53,20 @@ class ControlPlane:
     settings: ControlPlaneSettings
     registry: CollectorRegistry = field(default_factory=CollectorRegistry)
     cache: SnapshotCache = field(default_factory=SnapshotCache)
+    # Fetches the remote JWKS Policies name; their keys are shipped inline in the snapshots.
+    jwks: JwksFetcher = field(default_factory=JwksFetcher)
     xds_port: int = 0
     metrics_port: int = 0
     _statuses: dict[tuple[str, str, str], str] = field(default_factory=dict)
     _listeners: list[Callable[[ReconcileReport], None]] = field(default_factory=list)
+    # The translator's last snapshots, before keys are filled in: published again when keys change.
+    _translated: Mapping[str, ResourceMap] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
+    keys: JwksWiring = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.keys = JwksWiring(self.jwks)
+        self.jwks.on_change = self._jwks_changed
 
     def on_reconcile(self, callback: Callable[[ReconcileReport], None]) -> None:
         self._listeners.append(callback)
@@ -65,17 +77,9 @@ class ControlPlane:
         for error in errors:
             log.warning("config error", error=error)
         result = translate(state.objects)
-        published: list[str] = []
-        for gateway, resources in sorted(result.snapshots.items()):
-            try:
-                snapshot = self.cache.set_snapshot(gateway, resources)
-            except SnapshotInconsistent as exc:
-                message = f"Gateway {gateway}: snapshot not published, previous one kept: {exc}"
-                errors.append(message)
-                log.error("snapshot rejected", gateway=gateway, error=str(exc))
-                continue
-            published.append(gateway)
-            log.debug("snapshot published", gateway=gateway, version=snapshot.version)
+        self._translated = result.snapshots
+        self.keys.update(result.snapshots)
+        published = self._publish(errors)
         for gateway in sorted(set(self.cache.gateways()) - set(result.snapshots)):
             if self.cache.get_snapshot(gateway) is not None:
                 self.cache.remove_snapshot(gateway)
@@ -99,6 +103,27 @@ class ControlPlane:
             callback(report)
         return report
 
+    def _publish(self, errors: list[str]) -> list[str]:
+        """Publish the translated snapshots with the current JWKS keys inline; returns the Gateways
+        published (unchanged content keeps its version), appending to `errors` for the others."""
+        published: list[str] = []
+        for gateway, resources in sorted(self._translated.items()):
+            try:
+                snapshot = self.cache.set_snapshot(gateway, self.keys.inline(resources))
+            except SnapshotInconsistent as exc:
+                message = f"Gateway {gateway}: snapshot not published, previous one kept: {exc}"
+                errors.append(message)
+                log.error("snapshot rejected", gateway=gateway, error=str(exc))
+                continue
+            published.append(gateway)
+            log.debug("snapshot published", gateway=gateway, version=snapshot.version)
+        return published
+
+    def _jwks_changed(self, url: str, _jwks: str) -> None:
+        """New keys for `url`: the Gateways whose Policies use it get a new snapshot version (a
+        snapshot refused here is logged; the next reconcile reports it)."""
+        self._publish([])
+
     def statuses(self) -> dict[str, object]:
         return {f"{k}/{ns}/{name}": json.loads(body) for (k, ns, name), body in sorted(self._statuses.items())}
 
@@ -118,10 +143,11 @@ class ControlPlane:
         """Serve until cancelled. `task_status.started()` fires once the first snapshot pass is done."""
         if not self.settings.config_dir.is_dir():
             raise SystemExit(f"config folder {self.settings.config_dir} does not exist or is not a folder")
-        server = await start_grpc_server(self.cache, self.settings.xds_address, registry=self.registry)
+        server = await start_grpc_server(self.cache, self.settings.xds_address, registry=self.registry, jwks=self.keys)
         self.xds_port = server.port
         try:
             async with anyio.create_task_group() as tg:
+                tg.start_soon(self.jwks.run)
                 if self.settings.metrics_port >= 0:
                     admin = AdminServer(self._metrics, self.settings.metrics_host, self.settings.metrics_port)
                     self.metrics_port = await tg.start(admin.serve)

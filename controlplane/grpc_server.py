@@ -14,10 +14,12 @@ from grpc_reflection.v1alpha import reflection
 from prometheus_client import REGISTRY, CollectorRegistry
 
 from controlplane.debug_service import DebugService
+from controlplane.jwks_wiring import KEY_SERVICE, JwksWiring, KeyService
 from controlplane.metrics import XdsMetrics
 from controlplane.snapshot import SnapshotCache
 from controlplane.xds import ADS_SERVICE, AdsServer, ConnectedProxies
 from shared.api.agentgate.debug.v1 import debug_pb2, debug_pb2_grpc
+from shared.api.agentgate.policy.v1 import keys_pb2_grpc
 from shared.logging import get_logger
 
 log = get_logger("controlplane.grpc")
@@ -55,12 +57,17 @@ class RunningGrpcServer:
 
 
 async def start_grpc_server(
-    cache: SnapshotCache, address: str = "127.0.0.1:9977", *, registry: CollectorRegistry | None = None
+    cache: SnapshotCache,
+    address: str = "127.0.0.1:9977",
+    *,
+    registry: CollectorRegistry | None = None,
+    jwks: JwksWiring | None = None,
 ) -> RunningGrpcServer:
     """Bind `address` (port 0 picks a free port) and serve until `stop()`.
 
     Metrics go to `registry` (default: prometheus_client's global registry; pass a fresh
-    one when several servers share a process, as tests do).
+    one when several servers share a process, as tests do). With `jwks`, proxies can ask
+    for a JWKS refresh (KeyService).
     """
     metrics = XdsMetrics(registry if registry is not None else REGISTRY, cache)
     proxies = ConnectedProxies()
@@ -68,13 +75,15 @@ async def start_grpc_server(
     server = grpc.aio.server(options=_SERVER_OPTIONS)
     server.add_generic_rpc_handlers((ads.rpc_handler(),))
     debug_pb2_grpc.add_DebugServiceServicer_to_server(DebugService(cache, proxies), server)
+    services = [ADS_SERVICE, DEBUG_SERVICE]
+    if jwks is not None:
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(jwks), server)
+        services.append(KEY_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    for service in ("", ADS_SERVICE, DEBUG_SERVICE):
+    for service in ("", *services):
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection(
-        (ADS_SERVICE, DEBUG_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
         port = server.add_insecure_port(address)
     except RuntimeError as exc:

@@ -23,6 +23,7 @@ from dataplane.config.compile import compile_config
 from dataplane.config.model import RuntimeConfig
 from dataplane.http.server import ProxyServer
 from dataplane.metrics import WorkerMetrics
+from dataplane.policy.jwks_refresh import JwksRefreshClient
 from dataplane.xds.client import AdsClient, AdsSettings
 from shared import logging as shared_logging
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
@@ -70,6 +71,10 @@ class Worker:
             self.metrics,
         )
         self.ads.on_update = self._after_update
+        # A token with an unknown kid asks the control plane to refetch that JWKS (throttled per URL);
+        # the worker itself never calls an identity provider.
+        self.jwks_refresh = JwksRefreshClient(settings.xds)
+        self.proxy.policies.on_jwks_refresh = self.jwks_refresh.request
         self.config: RuntimeConfig | None = None
         self.draining = False
         self._announced_ready = False
@@ -168,6 +173,7 @@ class Worker:
                     self.admin_ports[name] = await tg.start(server.serve)
             tg.start_soon(self.proxy.run)
             tg.start_soon(self.ads.run)
+            await tg.start(self.jwks_refresh.run)
             tg.start_soon(stop_on_signal, stop)
             if settings.stop_on_stdin_close:
                 tg.start_soon(self._watch_stdin, stop)

@@ -9,9 +9,13 @@ out, an aborted stream.
 
 from __future__ import annotations
 
+import asyncio
+import math
+
 import anyio
 
 from dataplane.config.model import RuntimeConfig, UpstreamCluster, UpstreamTarget
+from dataplane.config.policy import EMPTY_POLICY, EffectivePolicy, ResilienceSettings
 from dataplane.http.errors import (
     BackendUnavailable,
     GatewayTimeout,
@@ -23,11 +27,15 @@ from dataplane.http.errors import (
 )
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
-from dataplane.mcp.endpoint import McpEndpoint
+from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
 from dataplane.mcp.modern import ModernEndpoint
+from dataplane.policy.chain import PolicyTable, Refused, WorkerPolicies
+from dataplane.policy.cors import CorsPolicy, is_preflight
+from dataplane.policy.forwarding import ForwardPolicy, forward_policy
+from dataplane.policy.resilience import REPLAY_BODY_CAP, ReplayableBody, RetryState, failure_kind, next_target
 from dataplane.routing.match import BackendChoice, CompiledRoute, RouteMatch
 from dataplane.upstream.exchange import Exchange, UpstreamRequest
-from dataplane.upstream.pool import UpstreamPools
+from dataplane.upstream.pool import Pool, UpstreamPools
 from shared.logging import get_logger
 
 log = get_logger("dataplane.proxy")
@@ -70,12 +78,44 @@ class _Progress:
         self.response_done = False
 
 
+class _ExtraHeadersSink:
+    """A sink that adds the policy chain's response headers (``x-ratelimit-*``) to the head."""
+
+    __slots__ = ("_extra", "_sink")
+
+    def __init__(self, sink: ResponseSink, extra: Headers) -> None:
+        self._sink = sink
+        self._extra = extra
+
+    @property
+    def started(self) -> bool:
+        return self._sink.started
+
+    async def start(self, status: int, headers: Headers, content_length: int | None, body: bytes, end: bool) -> None:
+        await self._sink.start(status, [*headers, *self._extra], content_length, body, end)
+
+    async def write(self, data: bytes) -> None:
+        await self._sink.write(data)
+
+    async def end(self, trailers: Headers) -> None:
+        await self._sink.end(trailers)
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+
 class ProxyHandler:
     """The forwarding logic of a worker; `config` is swapped by ProxyServer.apply."""
 
     def __init__(self, pools: UpstreamPools, config: RuntimeConfig | None = None) -> None:
         self.pools = pools
-        self.config = config if config is not None else RuntimeConfig.empty()
+        # The worker's policy state (compile caches, Redis clients, the JWKS refresh seam
+        # `policies.on_jwks_refresh`) outlives configs; each config's policies compile when it is set.
+        self.policies = WorkerPolicies()
+        self._config = RuntimeConfig.empty()
+        self._policy_table = self.policies.compile(self._config)
+        if config is not None:
+            self.config = config
         # Requests between their head and their last byte, over all connections.
         self.in_flight = 0
         # The worker's MCP sessions outlive requests; `aclose` ends them.
@@ -86,9 +126,29 @@ class ProxyHandler:
         waits only for real requests."""
         self.mcp.end_streams()
 
+    @property
+    def config(self) -> RuntimeConfig:
+        return self._config
+
+    @config.setter
+    def config(self, config: RuntimeConfig) -> None:
+        """Swap in ``config`` with its policies compiled (unchanged sections reused): no request pays
+        for compiling, and table and config change together (no await in between)."""
+        table = self.policies.compile(config)
+        self.policies.activate(table)
+        self._policy_table = table
+        self._config = config
+
+    def prepare(self, config: RuntimeConfig) -> None:
+        """Compile ``config``'s policies before it is applied; ConfigRejected (a NACK) when a policy core
+        refuses a section the config compiler accepted. The swap then reuses the result. Without this
+        call such a section fails closed (500) where it applies."""
+        self.policies.compile(config).raise_if_problems()
+
     async def aclose(self) -> None:
-        """End what outlives requests (MCP sessions and their upstream sessions)."""
+        """End what outlives requests (MCP sessions and their upstream sessions, Redis connections)."""
         await self.mcp.aclose()
+        await self.policies.aclose()
 
     async def handle(self, request: ProxyRequest, sink: ResponseSink) -> None:
         """Serve one request. Raises only ClientGone (and cancellation): everything else is
@@ -137,16 +197,58 @@ class ProxyHandler:
             raise BackendUnavailable(
                 f"listener {request.listener_key[0]}:{request.listener_key[1]} is no longer configured"
             )
+        table = self._policy_table
+        if table.config is not config:  # cannot happen (no await since `handle` read the config): never mix
+            table = self.policies.compile(config)
+        if table.documents and (method_bytes == b"GET" or method_bytes == b"HEAD"):
+            # RFC 9728 metadata of the protected (MCP) resources on this listener, answered here.
+            document = table.document(request.listener_key, path)
+            if document is not None:
+                await sink.start(200, list(document.headers), len(document.body), document.body, True)
+                return
         match = group.route_table.match(authority, path, query, method, HeaderView(request.headers))
         if match is None:
             raise NoRoute(f"no route for {method} {authority}{path}")
-        await self._dispatch(request, sink, match, authority, path, query)
+        await self._dispatch(request, sink, match, authority, path, query, table)
+
+    async def _refuse(self, request: ProxyRequest, sink: ResponseSink, refused: Refused) -> None:
+        """Answer a request the policy chain refused (401, 403, 429, 503, or 500 failing closed)."""
+        if refused.status >= 500:
+            log.warning(
+                "request refused by policy",
+                status=refused.status,
+                kind=refused.reason,
+                reason=refused.message,
+                authority=request.authority.decode("latin-1"),
+            )
+        else:
+            log.debug("request refused by policy", status=refused.status, kind=refused.reason)
+        headers, body = error_body(refused.message)
+        headers.extend(refused.headers)
+        await sink.start(refused.status, headers, len(body), body, True)
 
     async def _dispatch(
-        self, request: ProxyRequest, sink: ResponseSink, match: RouteMatch, authority: str, path: str, query: str
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        match: RouteMatch,
+        authority: str,
+        path: str,
+        query: str,
+        table: PolicyTable,
     ) -> None:
         route = match.route
         status = route.direct_response_status
+        if status or route.redirect is not None:
+            # The rule answers itself, after its policy (authentication, authorization, limits).
+            policy = table.lookup(request, route.name, "")
+            if policy is not None and not policy.idle:
+                outcome = await policy.evaluate(request)
+                if isinstance(outcome, Refused):
+                    await self._refuse(request, sink, outcome)
+                    return
+                if outcome.response_headers:
+                    sink = _ExtraHeadersSink(sink, outcome.response_headers)
         if status:
             if status >= 500:
                 raise NoBackend(f"route {route.name}: no usable backend (configured to answer {status})")
@@ -168,10 +270,28 @@ class ProxyHandler:
         cluster = choice.cluster
         if cluster is None:
             raise BackendUnavailable(f"route {route.name}: backend {choice.name} is not in the configuration")
+        # The policy chain: CORS preflight (answered before authentication: browsers send it without
+        # credentials), then authentication, identity headers, authorization, limits, budgets.
+        policy = table.lookup(request, route.name, choice.name)
+        effective = EMPTY_POLICY
+        caller: CallerPolicy | None = None
+        if policy is not None:
+            effective = policy.effective
+            if await self._answer_cors_preflight(request, sink, effective):
+                return
+            if not policy.idle:
+                outcome = await policy.evaluate(request)
+                if isinstance(outcome, Refused):
+                    await self._refuse(request, sink, outcome)
+                    return
+                request.headers = outcome.headers
+                caller = outcome.mcp
+                if outcome.response_headers:
+                    sink = _ExtraHeadersSink(sink, outcome.response_headers)
         timeout = route.request_timeout
         if cluster.kind == "mcp" and cluster.mcp is not None:
             # The endpoint bounds each MCP request by the route's timeout itself: its GET streams outlive it.
-            await self.mcp.handle(request, sink, cluster, timeout)
+            await self.mcp.handle(request, sink, cluster, timeout, caller)
             return
         if cluster.kind != "http":
             # Protocol-aware backends (MCP now; A2A and LLM later) need their own handler.
@@ -180,10 +300,10 @@ class ProxyHandler:
         if target is None:
             raise BackendUnavailable(f"backend {cluster.name} has no targets")
         if timeout is None:
-            await self._forward(request, sink, match, choice, cluster, target, path, query)
+            await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
             return
         with anyio.move_on_after(timeout) as scope:
-            await self._forward(request, sink, match, choice, cluster, target, path, query)
+            await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
         if scope.cancelled_caught:
             raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
 
@@ -197,8 +317,15 @@ class ProxyHandler:
         target: UpstreamTarget,
         path: str,
         query: str,
+        policy: EffectivePolicy,
     ) -> None:
+        """Send the request upstream and relay the answer, under the effective policy's CORS, header
+        modifiers, upstream credential, timeouts and retries (`policy`: EMPTY_POLICY when none applies)."""
         route = match.route
+        plan = forward_policy(policy)
+        if plan is not None and plan.cors is not None and is_preflight(request.method, request.headers):
+            await self._send_preflight_answer(sink, plan.cors, request.headers)
+            return
         authority = request.authority or target.authority.encode("latin-1")
         headers = upstream_request_headers(
             request.headers,
@@ -211,6 +338,14 @@ class ProxyHandler:
             headers = route.request_headers.apply(headers)
         if choice.request_headers is not None:
             headers = choice.request_headers.apply(headers)
+        if plan is not None:
+            if plan.request_headers is not None:
+                headers = plan.request_headers.apply(headers)
+            credential = plan.credential
+            if credential is not None:
+                name = credential[0]
+                headers = [header for header in headers if header[0] != name]
+                headers.append(credential)
         upstream_target = request.target
         rewrite = route.url_rewrite
         if rewrite is not None:
@@ -222,43 +357,172 @@ class ProxyHandler:
         upstream = UpstreamRequest(
             request.method, upstream_target, authority, headers, request.body is not None, request.content_length
         )
-        pool = self.pools.get(cluster, target)
-        progress = _Progress(request_done=request.body is None)
+        reply = _Reply(route, choice, plan, request.headers)
+        if plan is not None and plan.resilience is not None:
+            await self._forward_resilient(request, sink, cluster, target, upstream, reply, plan.resilience)
+            return
         timeout = route.backend_timeout
-        exchange: Exchange | None = None
         try:
-            if request.body is None:
-                if timeout is None:
-                    exchange = await pool.exchange(upstream)
-                else:
-                    with anyio.fail_after(timeout):
-                        exchange = await pool.exchange(upstream)
-                await self._relay(exchange, sink, route, choice, progress)
-            else:
-                try:
-                    async with anyio.create_task_group() as tasks:
-                        if timeout is None:
-                            exchange = await pool.open(upstream)
-                            tasks.start_soon(self._pump_body, request.body, exchange, progress)
-                            await exchange.response()
-                        else:
-                            with anyio.fail_after(timeout):
-                                exchange = await pool.open(upstream)
-                                tasks.start_soon(self._pump_body, request.body, exchange, progress)
-                                await exchange.response()
-                        await self._relay(exchange, sink, route, choice, progress)
-                        # An early response (before the whole body was sent) ends the exchange.
-                        tasks.cancel_scope.cancel()
-                except BaseExceptionGroup as group:
-                    raise _primary(group) from None
+            await self._try(self.pools.get(cluster, target), upstream, request.body, sink, reply, timeout, None)
         except TimeoutError:
             raise GatewayTimeout(
                 f"backend {cluster.name} ({target.authority}) sent no response within {timeout:g}s "
                 f"(route {route.name} backend timeout)"
             ) from None
+
+    async def _answer_cors_preflight(self, request: ProxyRequest, sink: ResponseSink, policy: EffectivePolicy) -> bool:
+        """Answer a CORS preflight the policy governs (True), before authentication: browsers send
+        preflights without credentials. False: not a preflight, or no CORS in the policy."""
+        plan = forward_policy(policy)
+        if plan is None or plan.cors is None or not is_preflight(request.method, request.headers):
+            return False
+        await self._send_preflight_answer(sink, plan.cors, request.headers)
+        return True
+
+    @staticmethod
+    async def _send_preflight_answer(sink: ResponseSink, cors: CorsPolicy, request_headers: Headers) -> None:
+        answer = cors.preflight(request_headers)
+        if answer.status == 204:
+            await sink.start(204, answer.headers, 0, b"", True)
+            return
+        log.debug("cors preflight refused", reason=answer.reason)
+        await send_error(sink, answer.status, answer.reason)
+
+    async def _forward_resilient(
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        cluster: UpstreamCluster,
+        target: UpstreamTarget,
+        upstream: UpstreamRequest,
+        reply: _Reply,
+        resilience: ResilienceSettings,
+    ) -> None:
+        """Tries under a policy's timeouts and retries. The route's own timeouts win: its request
+        timeout is enforced by the caller, its backend timeout bounds each try."""
+        route = reply.route
+        loop = asyncio.get_running_loop()
+        retry = resilience.retry
+        per_try = route.backend_timeout if route.backend_timeout is not None else resilience.per_try_timeout
+        request_timeout = resilience.request_timeout if route.request_timeout is None else None
+        deadline = loop.time() + request_timeout if request_timeout is not None else None
+        body = request.body
+        replay: ReplayableBody | None = None
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            if body is not None and retry is not None and retry.attempts:
+                replay = ReplayableBody(body)
+                if request.content_length is None or request.content_length <= REPLAY_BODY_CAP:
+                    await replay.prime()
+            state = RetryState(retry, deadline=deadline, body=replay)
+            retries = state if retry is not None and retry.attempts else None
+            tried: list[UpstreamTarget] = []
+            while True:
+                tried.append(target)
+                timeout = state.try_timeout(per_try, loop.time())
+                try_body = replay.reader() if replay is not None else body
+                try:
+                    delay = await self._try(
+                        self.pools.get(cluster, target), upstream, try_body, sink, reply, timeout, retries
+                    )
+                    if delay is None:
+                        return
+                    cause = "5xx response"
+                except TimeoutError:
+                    if deadline is not None and loop.time() >= deadline:
+                        raise GatewayTimeout(
+                            f"route {route.name}: request timeout of {request_timeout:g}s exceeded"
+                        ) from None
+                    delay = None if sink.started else state.decide("reset", loop.time())
+                    if delay is None:
+                        raise GatewayTimeout(
+                            f"backend {cluster.name} ({target.authority}) sent no response within {timeout:g}s "
+                            f"(route {route.name} per-try timeout)"
+                        ) from None
+                    cause = "per-try timeout"
+                except ProxyError as exc:
+                    kind = failure_kind(exc)
+                    delay = None if sink.started or kind is None else state.decide(kind, loop.time())
+                    if delay is None:
+                        raise
+                    cause = exc.kind
+                log.info(
+                    "retrying upstream request",
+                    backend=cluster.name,
+                    target=target.authority,
+                    cause=cause,
+                    retry=state.retries,
+                    backoff=round(delay, 4),
+                )
+                if delay > 0:
+                    await anyio.sleep(delay)
+                target = next_target(cluster, tried) or target
+        if scope.cancelled_caught:
+            raise GatewayTimeout(f"route {route.name}: request timeout of {request_timeout:g}s exceeded")
+
+    async def _try(
+        self,
+        pool: Pool,
+        upstream: UpstreamRequest,
+        body: BodySource | None,
+        sink: ResponseSink,
+        reply: _Reply,
+        try_timeout: float | None,
+        retries: RetryState | None,
+    ) -> float | None:
+        """One try: send the request, await the response head within `try_timeout` (TimeoutError past
+        it), relay the response. With `retries`, a 5xx the policy retries is dropped instead and the
+        backoff before the next try returned; None means the response was relayed."""
+        progress = _Progress(request_done=body is None)
+        exchange: Exchange | None = None
+        try:
+            if body is None:
+                if try_timeout is None:
+                    exchange = await pool.exchange(upstream)
+                else:
+                    with anyio.fail_after(try_timeout):
+                        exchange = await pool.exchange(upstream)
+                if retries is not None:
+                    delay = self._retry_status(exchange, (await exchange.response()).status, retries, progress)
+                    if delay is not None:
+                        return delay
+                await self._relay(exchange, sink, reply, progress)
+                return None
+            try:
+                async with anyio.create_task_group() as tasks:
+                    if try_timeout is None:
+                        exchange = await pool.open(upstream)
+                        tasks.start_soon(self._pump_body, body, exchange, progress)
+                        head = await exchange.response()
+                    else:
+                        with anyio.fail_after(try_timeout):
+                            exchange = await pool.open(upstream)
+                            tasks.start_soon(self._pump_body, body, exchange, progress)
+                            head = await exchange.response()
+                    if retries is not None:
+                        delay = self._retry_status(exchange, head.status, retries, progress)
+                        if delay is not None:
+                            tasks.cancel_scope.cancel()
+                            return delay
+                    await self._relay(exchange, sink, reply, progress)
+                    # An early response (before the whole body was sent) ends the exchange.
+                    tasks.cancel_scope.cancel()
+            except BaseExceptionGroup as group:
+                raise _primary(group) from None
+            return None
         finally:
             if exchange is not None and not (progress.request_done and progress.response_done):
                 exchange.abort()
+
+    @staticmethod
+    def _retry_status(exchange: Exchange, status: int, retries: RetryState, progress: _Progress) -> float | None:
+        """The backoff when a response of `status` is to be retried (the response is then dropped:
+        a complete one leaves its connection reusable), else None."""
+        if status < 500:
+            return None
+        delay = retries.decide(status, asyncio.get_running_loop().time())
+        if delay is not None:
+            _, progress.response_done = exchange.take_body()
+        return delay
 
     @staticmethod
     async def _pump_body(body: BodySource, exchange: Exchange, progress: _Progress) -> None:
@@ -278,16 +542,25 @@ class ProxyHandler:
         progress.request_done = True
 
     @staticmethod
-    async def _relay(
-        exchange: Exchange, sink: ResponseSink, route: CompiledRoute, choice: BackendChoice, progress: _Progress
-    ) -> None:
+    async def _relay(exchange: Exchange, sink: ResponseSink, reply: _Reply, progress: _Progress) -> None:
         """Send the upstream response downstream, each piece as it arrives."""
         head = await exchange.response()
         headers = downstream_response_headers(head.headers)
+        choice = reply.choice
         if choice.response_headers is not None:
             headers = choice.response_headers.apply(headers)
+        route = reply.route
         if route.response_headers is not None:
             headers = route.response_headers.apply(headers)
+        idle: float | None = None
+        plan = reply.plan
+        if plan is not None:
+            if plan.response_headers is not None:
+                headers = plan.response_headers.apply(headers)
+            if plan.cors is not None:
+                headers = plan.cors.response_headers(reply.request_headers, headers)
+            if plan.resilience is not None:
+                idle = plan.resilience.stream_idle_timeout
         body, complete = exchange.take_body()
         if complete:
             progress.response_done = True
@@ -299,6 +572,9 @@ class ProxyHandler:
             await sink.end(trailers)
             return
         await sink.start(head.status, headers, head.content_length, body, False)
+        if idle is not None:
+            await _relay_until_idle(exchange, sink, progress, idle, head.content_length is None, route.name)
+            return
         while True:
             data = await exchange.read()
             if not data:
@@ -306,3 +582,72 @@ class ProxyHandler:
             await sink.write(data)
         progress.response_done = True
         await sink.end(exchange.trailers)
+
+
+class _Reply:
+    """What shapes the response of one request: the route's, backend's and policy's header edits,
+    CORS (which reads the request's Origin) and the idle-stream bound."""
+
+    __slots__ = ("choice", "plan", "request_headers", "route")
+
+    def __init__(
+        self, route: CompiledRoute, choice: BackendChoice, plan: ForwardPolicy | None, headers: Headers
+    ) -> None:
+        self.route = route
+        self.choice = choice
+        self.plan = plan
+        self.request_headers = headers
+
+
+class _IdleWatch:
+    """Cancels `scope` once `idle` seconds pass without `touch`: one timer per stream, re-armed
+    lazily, so a chunk costs a clock read rather than a timer or a cancel scope."""
+
+    __slots__ = ("_idle", "_last", "_loop", "_scope", "_timer")
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, idle: float, scope: anyio.CancelScope) -> None:
+        self._loop = loop
+        self._idle = idle
+        self._scope = scope
+        self._last = loop.time()
+        self._timer = loop.call_at(self._last + idle, self._check)
+
+    def touch(self) -> None:
+        self._last = self._loop.time()
+
+    def _check(self) -> None:
+        due = self._last + self._idle
+        if self._loop.time() >= due:
+            self._scope.cancel()
+        else:
+            self._timer = self._loop.call_at(due, self._check)
+
+    def stop(self) -> None:
+        self._timer.cancel()
+
+
+async def _relay_until_idle(
+    exchange: Exchange, sink: ResponseSink, progress: _Progress, idle: float, can_end: bool, route: str
+) -> None:
+    """Relay the response body, ending it once no byte moved for `idle` seconds: cleanly (the last
+    chunk, or END_STREAM) when its length was not announced, else by aborting the stream."""
+    with anyio.CancelScope() as scope:
+        watch = _IdleWatch(asyncio.get_running_loop(), idle, scope)
+        try:
+            while True:
+                data = await exchange.read()
+                if not data:
+                    break
+                watch.touch()
+                await sink.write(data)
+                watch.touch()
+        finally:
+            watch.stop()
+    if scope.cancelled_caught:
+        if not can_end:
+            raise GatewayTimeout(f"route {route}: response stream idle for {idle:g}s (content-length not reached)")
+        log.info("response stream idle, ended", route=route, idle_timeout=idle)
+        await sink.end([])
+        return
+    progress.response_done = True
+    await sink.end(exchange.trailers)

@@ -24,6 +24,7 @@ from dataplane.http.h2server import PREFACE, Http2Connection
 from dataplane.http.limits import DEFAULT_LIMITS, ProxyLimits
 from dataplane.http.proxy import ProxyHandler
 from dataplane.http.stream import ByteStream, ReadTimeout
+from dataplane.policy.chain import WorkerPolicies
 from dataplane.upstream.pool import UpstreamPools
 from shared.logging import get_logger
 
@@ -129,11 +130,18 @@ class ProxyServer:
         return len(self._connections)
 
     # --- config ------------------------------------------------------------------------------
+    @property
+    def policies(self) -> WorkerPolicies:
+        """The worker's compiled policy cores (token caches, buckets, Redis clients)."""
+        return self._handler.policies
+
     async def apply(self, config: RuntimeConfig) -> None:
         """Bind new sockets, swap the config, stop removed sockets. Raises ListenerBindError
         (and changes nothing) when a socket cannot be bound."""
         if self._shutting_down:
             raise RuntimeError("the proxy server is shutting down")
+        # Policy cores compile first: a section they refuse is a NACK, not a 500 at request time.
+        self._handler.prepare(config)
         wanted = {group.bind_key: group for group in config.listeners.values()}
         bound: list[tuple[ListenerGroup, socket.socket]] = []
         failures: list[tuple[ListenerGroup, OSError]] = []

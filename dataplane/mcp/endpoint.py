@@ -22,6 +22,19 @@ shorter, counted by its session whether or not a client reads; then it gets a JS
 cancelled upstream. The GET and legacy SSE streams are not bounded by the route's timeout: they
 last as long as their session (DELETE, idle expiry, or the client going).
 
+Policy (``caller``, built by ``dataplane.policy.chain`` after the HTTP request was authenticated and
+authorized): each request attaches the caller's variables to the session's federation, whose single
+visibility rule then hides the tools, prompts and resources the caller's rules deny (lists omit them,
+calls fail like unknown ones); a 2026-07-28 request's federation gets its own. Limits keyed on ``mcp``
+count item uses (tools/call, prompts/get, resources/read) before the message reaches the session. A
+refused call is answered HTTP 429 (503 when a fail-closed limit cannot reach its store) with
+``Retry-After`` and ``x-ratelimit-*``, and a JSON-RPC error body (code ``RATE_LIMITED``, -32010, in
+the implementation-defined range JSON-RPC leaves below MCP's own -32020..-32099) carrying the request's
+id: the transports let an error status carry a JSON-RPC body, and clients surface it as that request's
+error while HTTP-aware ones honour ``Retry-After``. Legacy HTTP+SSE clients read answers only on their
+stream (an error status on a message POST ends some clients' writer), so there the POST gets 202 and
+the error goes on the stream.
+
 Paths: under an MCP route, a path ending in ``/sse`` (GET) and one ending in ``/message`` (POST)
 belong to the legacy transport (legacy_endpoint.py): route ``/mcp`` serves streamable HTTP at
 ``/mcp`` and legacy clients at ``/mcp/sse``. Origin, for every path: absent, on the backend's
@@ -34,11 +47,13 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Final, Protocol
 from urllib.parse import unquote
 
 from dataplane.config.model import UpstreamCluster
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
+from dataplane.mcp.federation import FederationConfig, McpFederation, Visibility, allow_all
 from dataplane.mcp.headers import (
     META_PROTOCOL_VERSION,
     MODERN_PROTOCOL_VERSIONS,
@@ -59,7 +74,8 @@ from dataplane.mcp.jsonrpc import (
     error_response,
     parse_message,
 )
-from dataplane.mcp.legacy_endpoint import LegacyRefusal, LegacySseEndpoint
+from dataplane.mcp.legacy_endpoint import LegacyLink, LegacyRefusal, LegacySseEndpoint
+from dataplane.mcp.naming import Naming
 from dataplane.mcp.session import SessionTokenTooLong
 from dataplane.mcp.sessions import (
     EventStream,
@@ -89,6 +105,10 @@ _MAX_HELD = 64
 _SESSION_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 # Versions whose clients expect a priming event (an id with empty data) at the start of a stream.
 _PRIMING_VERSIONS: Final = frozenset({"2025-11-25"})
+# The JSON-RPC error of a request a limit refused (see the module docstring).
+RATE_LIMITED: Final = -32010
+# Methods that use one item, and the parameter naming it.
+_ITEM_PARAMS: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
 Issue = Callable[[dict[str, Any]], tuple[dict[str, Any], Headers]]
 
@@ -150,6 +170,42 @@ class _Reject(Exception):
         return cls(status, message, error_response(None, ErrorCode.INVALID_REQUEST, message), extra)
 
 
+@dataclass(frozen=True, slots=True)
+class CallRefusal:
+    """A limit refused one MCP request: the HTTP status (429, or 503 for a store that cannot be
+    reached), the message, the headers (``retry-after``, ``x-ratelimit-*``) and the wait in seconds."""
+
+    status: int
+    message: str
+    headers: Headers
+    retry_after: float
+
+
+class CallerPolicy(Protocol):
+    """The policy decided for the caller of one HTTP request (``dataplane.policy.chain.McpCaller``)."""
+
+    def attach(self, federation: McpFederation) -> None:
+        """Decide ``federation``'s visibility with this request's variables."""
+        ...
+
+    def visibility(self) -> Visibility:
+        """The visibility for a federation that lives as long as this request."""
+        ...
+
+    async def admit(self, method: str, target: str, name: str, arguments: Any) -> CallRefusal | None:
+        """Count one request (``name`` on ``target``: upstream names) against the limits; a refusal or None."""
+        ...
+
+
+def _attach(caller: CallerPolicy | None, federation: McpFederation) -> None:
+    """The caller's visibility on ``federation``, or everything visible without a policy (a session
+    outlives configs: a policy removed since must not keep hiding)."""
+    if caller is not None:
+        caller.attach(federation)
+    elif federation.visibility is not allow_all:
+        federation.visibility = allow_all
+
+
 class ModernExchange(Protocol):
     """Serves one sessionless (2026-07-28) POST whose body is already parsed and valid JSON-RPC."""
 
@@ -160,6 +216,8 @@ class ModernExchange(Protocol):
         cluster: UpstreamCluster,
         message: Message,
         route_timeout: float | None = None,
+        *,
+        visibility: Visibility = allow_all,
     ) -> None: ...
 
     def end_streams(self) -> None: ...
@@ -199,6 +257,8 @@ class McpEndpoint:
         self.sse_after = sse_after
         self._loop: asyncio.AbstractEventLoop | None = None
         self._post_verdicts: dict[tuple[str | None, str | None], HeaderError | None] = {}
+        # Per backend, rebuilt with a new cluster: how exposed names map to targets (for limit keys).
+        self._namings: dict[str, tuple[UpstreamCluster, Naming]] = {}
 
     def _running_loop(self) -> asyncio.AbstractEventLoop:
         """The worker's loop, looked up once (on Python 3.11 each lookup is a getpid syscall)."""
@@ -234,10 +294,16 @@ class McpEndpoint:
         await self.sessions.aclose()
 
     async def handle(
-        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, route_timeout: float | None = None
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        cluster: UpstreamCluster,
+        route_timeout: float | None = None,
+        caller: CallerPolicy | None = None,
     ) -> None:
         """Answer one HTTP request for the MCP backend ``cluster``; ``route_timeout`` is the route's
-        request timeout, which bounds requests but not the long-lived GET streams."""
+        request timeout, which bounds requests but not the long-lived GET streams; ``caller`` the
+        policy chain's decision for this request (None: no MCP rules or limits apply)."""
         bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
         try:
             origin = _header(request.headers, b"origin")
@@ -256,11 +322,11 @@ class McpEndpoint:
                 if method != b"POST":
                     message = "Method Not Allowed: the HTTP+SSE message endpoint takes POST"
                     raise _Reject(405, message, extra=[(b"allow", b"POST")])
-                await self._legacy_post(request, sink, cluster, query, bound)
+                await self._legacy_post(request, sink, cluster, query, bound, caller)
             elif method == b"POST":
-                await self._post(request, sink, cluster, bound, route_timeout)
+                await self._post(request, sink, cluster, bound, route_timeout, caller)
             elif method == b"GET":
-                await self._get(request, sink, cluster)
+                await self._get(request, sink, cluster, caller)
             elif method == b"DELETE":
                 await self._delete(request, sink, cluster)
             else:
@@ -277,6 +343,7 @@ class McpEndpoint:
         cluster: UpstreamCluster,
         bound: float,
         route_timeout: float | None,
+        caller: CallerPolicy | None,
     ) -> None:
         settings = cluster.mcp
         assert settings is not None
@@ -292,8 +359,14 @@ class McpEndpoint:
         token = found.get(b"mcp-session-id")
         version_header = found.get(b"mcp-protocol-version")
         if self.modern is not None and _is_modern(version_header, token, parsed):
+            if caller is not None and isinstance(parsed, Request):
+                refusal = await self._admit(caller, cluster, parsed)
+                if refusal is not None:
+                    await _send_refused_call(sink, parsed, refusal)
+                    return
+            visibility = caller.visibility() if caller is not None else allow_all
             # The route's timeout bounds each request (answered with a JSON-RPC error), not listen streams.
-            await self.modern.post(request, sink, cluster, parsed, route_timeout)
+            await self.modern.post(request, sink, cluster, parsed, route_timeout, visibility=visibility)
             return
         if isinstance(parsed, Request) and parsed.method == "initialize":
             if token is not None:
@@ -302,17 +375,44 @@ class McpEndpoint:
                 )
                 await _send_json(sink, 400, refusal)
                 return
-            await self._initialize(sink, cluster, parsed, bound)
+            await self._initialize(sink, cluster, parsed, bound, caller)
             return
         version = check_protocol_version(version_header, _SESSION_VERSIONS)
         if isinstance(version, HeaderError):
             raise _Reject.of(version)
         session = await self._session(cluster, token)
+        _attach(caller, session.federation)
         if not isinstance(parsed, Request):
             await session.submit(parsed.raw)
             await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
             return
+        if caller is not None:
+            refusal = await self._admit(caller, cluster, parsed)
+            if refusal is not None:
+                await _send_refused_call(sink, parsed, refusal)
+                return
         await self._exchange(sink, session, parsed, bound, prime=version in _PRIMING_VERSIONS)
+
+    def _naming(self, cluster: UpstreamCluster) -> Naming:
+        entry = self._namings.get(cluster.name)
+        if entry is None or entry[0] is not cluster:
+            assert cluster.mcp is not None
+            entry = self._namings[cluster.name] = (cluster, FederationConfig.from_settings(cluster.mcp).naming)
+        return entry[1]
+
+    async def _admit(self, caller: CallerPolicy, cluster: UpstreamCluster, parsed: Request) -> CallRefusal | None:
+        """Count ``parsed`` against the caller's limits, naming its item by upstream name and target
+        (an unprefixed name is the single target's, or the target is left empty)."""
+        key = _ITEM_PARAMS.get(parsed.method)
+        params = parsed.params if isinstance(parsed.params, dict) else {}
+        exposed = params.get(key) if key is not None else None
+        if not isinstance(exposed, str):
+            return await caller.admit(parsed.method, "", "", None)
+        naming = self._naming(cluster)
+        hit = naming.split_uri(exposed) if key == "uri" else naming.split(exposed)
+        if hit is None:
+            hit = (naming.targets[0] if len(naming.targets) == 1 else "", exposed)
+        return await caller.admit(parsed.method, hit[0], hit[1], params.get("arguments"))
 
     async def _session(self, cluster: UpstreamCluster, token: str | None) -> FederatedSession:
         if token is None:
@@ -323,8 +423,16 @@ class McpEndpoint:
             log.debug("mcp_session_not_found", backend=cluster.name, reason=str(exc))
             raise _Reject.jsonrpc(404, "Not Found: session unknown or expired") from None
 
-    async def _initialize(self, sink: ResponseSink, cluster: UpstreamCluster, parsed: Request, bound: float) -> None:
+    async def _initialize(
+        self,
+        sink: ResponseSink,
+        cluster: UpstreamCluster,
+        parsed: Request,
+        bound: float,
+        caller: CallerPolicy | None,
+    ) -> None:
         session = await self.sessions.create(cluster)
+        _attach(caller, session.federation)
         issued: list[str] = []
 
         def issue(response: dict[str, Any]) -> tuple[dict[str, Any], Headers]:
@@ -459,7 +567,9 @@ class McpEndpoint:
             await _send_json(sink, 200, failure)
 
     # --- GET -----------------------------------------------------------------------------------
-    async def _get(self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster) -> None:
+    async def _get(
+        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, caller: CallerPolicy | None
+    ) -> None:
         """The standalone stream (server messages not tied to a request) until the session ends, or a
         resumed stream (Last-Event-ID)."""
         refused = check_accept_get(_header(request.headers, b"accept"))
@@ -469,6 +579,7 @@ class McpEndpoint:
         if isinstance(version, HeaderError):
             raise _Reject.of(version)
         session = await self._session(cluster, _header(request.headers, b"mcp-session-id"))
+        _attach(caller, session.federation)  # notifications on this stream pass the visibility rule
         last_event_id = _header(request.headers, b"last-event-id")
         if last_event_id is None:
             stream, cursor = session.open_standalone(), 0
@@ -524,7 +635,13 @@ class McpEndpoint:
         await self.legacy.stream(sink, cluster, path[: -len("/sse")] + "/message")
 
     async def _legacy_post(
-        self, request: ProxyRequest, sink: ResponseSink, cluster: UpstreamCluster, query: str, bound: float
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        cluster: UpstreamCluster,
+        query: str,
+        bound: float,
+        caller: CallerPolicy | None,
     ) -> None:
         settings = cluster.mcp
         assert settings is not None
@@ -542,6 +659,13 @@ class McpEndpoint:
         if isinstance(parsed, InvalidMessage):
             await _send_json(sink, 400, parsed.to_response())
             return
+        _attach(caller, link.session.federation)
+        if caller is not None and isinstance(parsed, Request):
+            refusal = await self._admit(caller, cluster, parsed)
+            if refusal is not None:
+                _refuse_on_stream(link, parsed, refusal)
+                await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
+                return
         await self.legacy.submit(link, parsed, bound)
         await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
 
@@ -608,6 +732,19 @@ async def _send_json(sink: ResponseSink, status: int, message: dict[str, Any], e
     await _send_body(sink, status, encode(message), extra)
 
 
+def _refusal_error(request: Request, refusal: CallRefusal) -> dict[str, Any]:
+    data = {"retryAfter": max(1, round(refusal.retry_after)), "status": refusal.status}
+    return error_response(request.id, RATE_LIMITED, refusal.message, data)
+
+
+async def _send_refused_call(sink: ResponseSink, request: Request, refusal: CallRefusal) -> None:
+    await _send_json(sink, refusal.status, _refusal_error(request, refusal), list(refusal.headers))
+
+
+def _refuse_on_stream(link: LegacyLink, request: Request, refusal: CallRefusal) -> None:
+    link.stream.append(_refusal_error(request, refusal))
+
+
 async def _send_reject(sink: ResponseSink, reject: _Reject) -> None:
     if reject.body is not None:
         await _send_json(sink, reject.status, reject.body, reject.extra)
@@ -617,4 +754,13 @@ async def _send_reject(sink: ResponseSink, reject: _Reject) -> None:
     await sink.start(reject.status, headers, len(body), body, True)
 
 
-__all__ = ["DEFAULT_REQUEST_TIMEOUT", "DEFAULT_RETRY_MS", "DEFAULT_SSE_AFTER", "McpEndpoint", "ModernExchange"]
+__all__ = [
+    "DEFAULT_REQUEST_TIMEOUT",
+    "DEFAULT_RETRY_MS",
+    "DEFAULT_SSE_AFTER",
+    "RATE_LIMITED",
+    "CallRefusal",
+    "CallerPolicy",
+    "McpEndpoint",
+    "ModernExchange",
+]

@@ -59,6 +59,8 @@ from dataplane.mcp.federation import (
     Kind,
     McpFederation,
     SendToClient,
+    Visibility,
+    allow_all,
 )
 from dataplane.mcp.headers import (
     MCP_NAME_SOURCE,
@@ -631,9 +633,12 @@ class ModernEndpoint:
         cluster: UpstreamCluster,
         message: Message,
         route_timeout: float | None = None,
+        *,
+        visibility: Visibility = allow_all,
     ) -> None:
         """Answer one 2026-07-28 POST (see the module docstring). ``route_timeout`` shortens the
-        request bound; a ``subscriptions/listen`` stream lasts until the client or the worker goes."""
+        request bound; a ``subscriptions/listen`` stream lasts until the client or the worker goes.
+        ``visibility`` is the caller's (the policy chain's): what the request's federation may show."""
         headers = request.headers
         if isinstance(message, Notification):
             version = _header(headers, b"mcp-protocol-version") or _meta_version(message.params)
@@ -660,13 +665,19 @@ class ModernEndpoint:
             await self._listen(backend, sink, message, context)
             return
         bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
-        await self._exchange(backend, sink, message, context, bound)
+        await self._exchange(backend, sink, message, context, bound, visibility)
 
     # --- one request ----------------------------------------------------------------------------------------
     async def _exchange(
-        self, backend: _Backend, sink: ResponseSink, message: Request, context: _Context, bound: float
+        self,
+        backend: _Backend,
+        sink: ResponseSink,
+        message: Request,
+        context: _Context,
+        bound: float,
+        visibility: Visibility = allow_all,
     ) -> None:
-        federation = McpFederation(backend.config, catalogs=backend.catalogs)
+        federation = McpFederation(backend.config, visibility, catalogs=backend.catalogs)
         federation.target_capabilities.update(backend.known_capabilities())
         out_send, out_receive = anyio.create_memory_object_stream[JSON](CLIENT_BUFFER)
         leases: dict[str, TargetChannel] = {}
