@@ -32,7 +32,12 @@ def _run(main: Callable[..., Awaitable[object]], *args: object) -> None:
 
 def cmd_controlplane(args: argparse.Namespace) -> int:
     from controlplane.app import ControlPlane, ControlPlaneSettings
+    from controlplane.jwks import JwksFetcher
 
+    if args.jwks_refresh <= 0 or args.jwks_min_refresh < 0:
+        print("agentgate controlplane: --jwks-refresh must be > 0 and --jwks-min-refresh >= 0", file=sys.stderr)
+        return 2
+    jwks = JwksFetcher(refresh_interval=args.jwks_refresh, min_refresh_interval=args.jwks_min_refresh)
     settings = ControlPlaneSettings(
         config_dir=Path(args.config), xds_address=args.xds_address, metrics_host=args.metrics_host,
         metrics_port=args.metrics_port,
@@ -41,7 +46,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     async def main() -> None:
         stop = anyio.Event()
         async with anyio.create_task_group() as tg:
-            await tg.start(ControlPlane(settings).run)
+            await tg.start(ControlPlane(settings, jwks=jwks).run)
             tg.start_soon(stop_on_signal, stop)
             await stop.wait()
             tg.cancel_scope.cancel()
@@ -97,6 +102,11 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument("--xds-address", default=f"0.0.0.0:{DEFAULT_XDS_PORT}", help="gRPC discovery/debug address")
     cp.add_argument("--metrics-host", default="0.0.0.0")
     cp.add_argument("--metrics-port", type=int, default=9978, help="Prometheus /metrics and /status; -1 disables")
+    cp.add_argument("--jwks-refresh", type=float, default=300.0, help="seconds between scheduled JWKS fetches")
+    cp.add_argument(
+        "--jwks-min-refresh", type=float, default=30.0,
+        help="least seconds between fetches of one JWKS, for refreshes proxies ask for on an unknown kid",
+    )
     _add_common(cp)
     cp.set_defaults(func=cmd_controlplane)
 
