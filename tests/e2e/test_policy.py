@@ -1,6 +1,8 @@
-"""The policy layer end to end with real processes: a control plane that fetches a remote JWKS over
+"""The policy layer end to end with real processes. First, a control plane that fetches a remote JWKS over
 HTTPS (served by this test), a worker enforcing JWT authentication, CEL authorization, identity
 headers and a local rate limit in front of nginx, and key rotation through `KeyService.RefreshJwks`.
+Second, a global limit shared by two worker processes through one redis-server, and what each
+limit does when that Redis stops (FailOpen admits, FailClosed answers 503).
 
 The control plane is `agentgate controlplane` with `--jwks-min-refresh 0`: by default one JWKS is
 fetched at most once per 30 s, so a rotation straight after the startup fetch would wait for that.
@@ -36,6 +38,7 @@ from tests.e2e.harness import (
     write_documents,
 )
 from tests.peers.nginx import nginx
+from tests.peers.redis import redis_server
 
 pytestmark = pytest.mark.anyio
 
@@ -163,3 +166,112 @@ async def test_jwt_cel_identity_rate_limit_and_key_rotation(tmp_path: Path) -> N
                     assert rotated.text == "id=[bob]\n"
                     retired = await client.get(url, headers={**bearer(old_key, "carol"), "x-tenant": "acme"})
                     assert retired.status_code == 401, retired.text
+
+
+# --- a global limit shared by two worker processes through one Redis ---------------------------
+
+
+def shared_route_yaml(name: str, path: str) -> str:
+    """An HTTPRoute on both Gateways (gw-a and gw-b), so the test picks the worker by port."""
+    return yaml.safe_dump(
+        {
+            "apiVersion": "gateway.networking.k8s.io/v1",
+            "kind": "HTTPRoute",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "parentRefs": [{"name": "gw-a"}, {"name": "gw-b"}],
+                "rules": [
+                    {
+                        "matches": [{"path": {"type": "PathPrefix", "value": path}}],
+                        "backendRefs": [{"group": "agentgate.dev", "kind": "Backend", "name": "app"}],
+                    }
+                ],
+            },
+        },
+        sort_keys=False,
+    )
+
+
+def global_limit_yaml(name: str, route: str, redis_url: str, on_store_down: str) -> str:
+    return yaml.safe_dump(
+        {
+            "apiVersion": "agentgate.dev/v1alpha1",
+            "kind": "Policy",
+            "metadata": {"name": name, "namespace": "default"},
+            "spec": {
+                "targetRefs": [{"kind": "HTTPRoute", "name": route}],
+                "rateLimits": [
+                    {
+                        "name": name,
+                        "key": "request.headers['x-agent']",
+                        "capacity": 4,
+                        "per": "1h",
+                        "scope": "Global",
+                        "redis": {"url": redis_url},
+                        "onStoreDown": on_store_down,
+                    }
+                ],
+            },
+        },
+        sort_keys=False,
+    )
+
+
+async def test_global_limit_across_two_workers_and_redis_stopped_mid_test(tmp_path: Path) -> None:
+    folder = tmp_path / "config"
+    folder.mkdir()
+    port_a, port_b, xds_port, redis_port = free_port(), free_port(), free_port(), free_port()
+    redis_url = f"redis://127.0.0.1:{redis_port}/0"
+
+    with anyio.fail_after(WITHIN):
+        async with nginx(tmp_path, "app", body="ok\\n") as app:
+            write_documents(
+                folder / "gateways.yaml",
+                GATEWAY_CLASS,
+                gateway_yaml("gw-a", [("http", port_a)]),
+                gateway_yaml("gw-b", [("http", port_b)]),
+            )
+            write_documents(
+                folder / "app.yaml",
+                backend_yaml("app", app.h1_port),
+                shared_route_yaml("open", "/open"),
+                shared_route_yaml("closed", "/closed"),
+                global_limit_yaml("calls-open", "open", redis_url, "FailOpen"),
+                global_limit_yaml("calls-closed", "closed", redis_url, "FailClosed"),
+            )
+            async with (
+                logged_process("controlplane", controlplane_command(folder, xds_port)),
+                logged_process("worker-a", dataplane_command(xds_port, "default/gw-a", WorkerPorts.free())) as a,
+                logged_process("worker-b", dataplane_command(xds_port, "default/gw-b", WorkerPorts.free())) as b,
+                httpx.AsyncClient(timeout=5) as client,
+            ):
+                for worker in (a, b):
+                    await worker.wait_for("worker ready")
+
+                async def call(port: int, path: str, agent: str = "alice") -> httpx.Response:
+                    return await client.get(f"http://127.0.0.1:{port}{path}", headers={"x-agent": agent})
+
+                async with redis_server(redis_port):
+                    # Capacity 4 for alice, taken in turns on both workers: one bucket in Redis, not one each.
+                    for port in (port_a, port_b, port_a, port_b):
+                        assert (await call(port, "/open")).status_code == 200
+                    for port in (port_a, port_b):
+                        limited = await call(port, "/open")
+                        assert limited.status_code == 429, limited.text
+                        assert int(limited.headers["retry-after"]) >= 1
+                        assert limited.headers["x-ratelimit-remaining"] == "0"
+                    assert (await call(port_b, "/open", agent="bob")).status_code == 200  # its own bucket
+                    first_closed = await call(port_a, "/closed")
+                    assert first_closed.status_code == 200
+                    assert first_closed.headers["x-ratelimit-remaining"] == "3"
+
+                # Redis stopped: the FailOpen limit admits, the FailClosed one answers 503; both workers log it.
+                marks = a.mark(), b.mark()
+                for port in (port_a, port_b):
+                    assert (await call(port, "/open")).status_code == 200
+                    refused = await call(port, "/closed")
+                    assert refused.status_code == 503, refused.text
+                    assert int(refused.headers["retry-after"]) >= 1
+                for worker, mark in zip((a, b), marks, strict=True):
+                    await worker.wait_for(event("limit_store_down", behaviour="fail_open"), start=mark)
+                    await worker.wait_for(event("limit_store_down", behaviour="fail_closed"), start=mark)
