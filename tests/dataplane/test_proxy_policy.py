@@ -31,6 +31,7 @@ from tests.dataplane.peers.h1 import H1Peer
 from tests.dataplane.peers.proxy import running_proxy
 from tests.dataplane.policy.test_chain import (
     APP,
+    KEY,
     LISTENER_NAME,
     RULE,
     SEED_RULE,
@@ -46,6 +47,7 @@ from tests.dataplane.policy.test_chain import (
     request,
     token,
 )
+from tests.dataplane.policy.test_jwt import hmac_confusion_token, rsa_key
 from tests.peers.mcp_servers.http_sdk import build_app, build_server, serve
 from tests.peers.redis import redis_server
 
@@ -81,15 +83,20 @@ async def test_a_good_jwt_passes_with_its_identity_header_and_a_spoofed_copy_str
 async def test_bad_tokens_get_401_with_www_authenticate_and_never_500() -> None:
     port = free_port()
     now = int(time.time())
+    rsa = rsa_key("gw-rsa")
     bad = {
         "expired": token(exp=now - 3600, iat=now - 7200),
+        "not yet valid": token(nbf=now + 3600),
+        "wrong issuer": token(iss="https://elsewhere.test"),
         "wrong audience": token(aud="elsewhere"),
         "alg none": raw_token({"alg": "none", "typ": "JWT"}, claims()),
+        "key confusion": hmac_confusion_token(rsa),
         "unknown kid": token(ec_key("unknown")),
+        "oversized": token(padding="x" * 9000),
         "garbage": b"%%%.%%%.%%%",
     }
     async with H1Peer() as peer:
-        config = build(port, policy(authentication=jwt_authentication()), upstream_port=peer.port)
+        config = build(port, policy(authentication=jwt_authentication(KEY, rsa)), upstream_port=peer.port)
         async with running_proxy(config), httpx.AsyncClient() as client:
             answers = {
                 case: await client.get(
@@ -98,11 +105,17 @@ async def test_bad_tokens_get_401_with_www_authenticate_and_never_500() -> None:
                 for case, value in bad.items()
             }
             missing = await client.get(f"http://127.0.0.1:{port}/")
+            refused_reached_upstream = list(peer.requests)
+            signed_by_rsa = await client.get(
+                f"http://127.0.0.1:{port}/", headers={"authorization": f"Bearer {token(rsa).decode()}"}
+            )
     for case, response in [*answers.items(), ("missing", missing)]:
         assert response.status_code == 401, case
         assert response.headers["www-authenticate"].startswith('Bearer realm="agentgate"'), case
     assert 'error="invalid_token"' in answers["expired"].headers["www-authenticate"]
-    assert peer.requests == []
+    assert refused_reached_upstream == []
+    # The RSA key is configured and a token it really signs passes: the confusion token failed on its alg alone.
+    assert signed_by_rsa.status_code == 200
 
 
 async def test_a_cel_deny_is_403_and_an_allow_passes() -> None:
