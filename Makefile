@@ -15,7 +15,7 @@ define apt_ensure
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 endef
 
-.PHONY: run test install lint protos bench bench-mcp clean
+.PHONY: run test install lint protos bench bench-mcp bench-policy clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -59,6 +59,12 @@ bench: install
 bench-mcp: install
 	$(call apt_ensure,wrk:wrk)
 	$(BIN)/python bench/mcp_proxy.py
+
+# GET through Envoy (router only; jwt_authn+RBAC+local_ratelimit) and agentgate (no Policy; JWT+CEL+limit,
+# local and through Redis): what a policy chain costs end to end.
+bench-policy: install
+	$(call apt_ensure,wrk:wrk nginx:nginx-light redis-server:redis-server)
+	$(BIN)/python bench/policy_proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
