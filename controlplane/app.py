@@ -22,6 +22,7 @@ from controlplane.jwks import JwksFetcher
 from controlplane.jwks_wiring import JwksWiring
 from controlplane.snapshot import SnapshotCache, SnapshotInconsistent
 from controlplane.sources.folder import FolderSource, FolderState
+from controlplane.token_review import KubeApiConfig, KubeTokenReviewer, TokenReviewService
 from controlplane.translate import translate
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
 from shared.logging import get_logger
@@ -37,6 +38,9 @@ class ControlPlaneSettings:
     metrics_host: str = "0.0.0.0"
     # -1 disables the metrics endpoint.
     metrics_port: int = 9978
+    # The Kubernetes API that reviews service-account tokens for proxies (KeyService.ReviewToken);
+    # None: reviews answer FAILED_PRECONDITION.
+    kube_api: KubeApiConfig | None = None
 
 
 @dataclass
@@ -55,6 +59,8 @@ class ControlPlane:
     cache: SnapshotCache = field(default_factory=SnapshotCache)
     # Fetches the remote JWKS Policies name; their keys are shipped inline in the snapshots.
     jwks: JwksFetcher = field(default_factory=JwksFetcher)
+    # Reviews service-account tokens for proxies; connected to `settings.kube_api` by `run`.
+    token_review: TokenReviewService = field(default_factory=TokenReviewService)
     xds_port: int = 0
     metrics_port: int = 0
     _statuses: dict[tuple[str, str, str], str] = field(default_factory=dict)
@@ -143,7 +149,16 @@ class ControlPlane:
         """Serve until cancelled. `task_status.started()` fires once the first snapshot pass is done."""
         if not self.settings.config_dir.is_dir():
             raise SystemExit(f"config folder {self.settings.config_dir} does not exist or is not a folder")
-        server = await start_grpc_server(self.cache, self.settings.xds_address, registry=self.registry, jwks=self.keys)
+        reviewer = await self._connect_kube_api()
+        try:
+            server = await start_grpc_server(
+                self.cache, self.settings.xds_address, registry=self.registry, jwks=self.keys,
+                token_review=self.token_review,
+            )
+        except BaseException:
+            if reviewer is not None:
+                await reviewer.aclose()
+            raise
         self.xds_port = server.port
         try:
             async with anyio.create_task_group() as tg:
@@ -163,3 +178,27 @@ class ControlPlane:
         finally:
             with anyio.CancelScope(shield=True):
                 await server.stop(1.0)
+                if reviewer is not None:
+                    self.token_review.reviewer = None
+                    await reviewer.aclose()
+
+    async def _connect_kube_api(self) -> KubeTokenReviewer | None:
+        """The TokenReview client of `settings.kube_api`. A kubeconfig named on the command line that
+        cannot be used stops the start; a broken in-cluster config is logged and reviews answer why."""
+        config = self.settings.kube_api
+        if config is None:
+            log.info("token review disabled: no Kubernetes API configured")
+            return None
+        try:
+            api_client = await config.api_client()
+        except Exception as exc:  # ConfigException, OSError, YAML and key errors of a bad file
+            message = f"cannot use the {config.describe()}: {exc}"
+            if config.kubeconfig is not None:
+                raise SystemExit(message) from None
+            log.error("token review disabled", error=message)
+            self.token_review.not_configured = f"no Kubernetes API configured ({message})"
+            return None
+        reviewer = KubeTokenReviewer(api_client, timeout=self.token_review.timeout)
+        self.token_review.reviewer = reviewer
+        log.info("token review enabled", source=config.describe(), host=api_client.configuration.host)
+        return reviewer

@@ -21,6 +21,7 @@ import anyio
 from anyio.abc import Process
 
 from controlplane.app import ControlPlane, ControlPlaneSettings
+from controlplane.token_review import KubeApiConfig
 from shared.logging import get_logger
 from shared.signals import stop_on_signal
 
@@ -43,6 +44,8 @@ class EmbeddedSettings:
     xds_mode: Literal["delta", "sotw"] = "delta"
     drain_timeout: float = 10.0
     log_level: str = "info"
+    # The Kubernetes API for TokenReview of service-account tokens (`--kubeconfig`, or in-cluster).
+    kube_api: KubeApiConfig | None = None
 
 
 @dataclass
@@ -65,6 +68,7 @@ class EmbeddedGateway:
                 xds_address=f"{settings.host}:{settings.xds_port}",
                 metrics_host=settings.host,
                 metrics_port=settings.controlplane_metrics_port,
+                kube_api=settings.kube_api,
             )
         )
         self.slots: dict[str, list[WorkerSlot]] = {}

@@ -17,6 +17,7 @@ from controlplane.debug_service import DebugService
 from controlplane.jwks_wiring import KEY_SERVICE, JwksWiring, KeyService
 from controlplane.metrics import XdsMetrics
 from controlplane.snapshot import SnapshotCache
+from controlplane.token_review import TokenReviewService
 from controlplane.xds import ADS_SERVICE, AdsServer, ConnectedProxies
 from shared.api.agentgate.debug.v1 import debug_pb2, debug_pb2_grpc
 from shared.api.agentgate.policy.v1 import keys_pb2_grpc
@@ -62,12 +63,13 @@ async def start_grpc_server(
     *,
     registry: CollectorRegistry | None = None,
     jwks: JwksWiring | None = None,
+    token_review: TokenReviewService | None = None,
 ) -> RunningGrpcServer:
     """Bind `address` (port 0 picks a free port) and serve until `stop()`.
 
     Metrics go to `registry` (default: prometheus_client's global registry; pass a fresh
     one when several servers share a process, as tests do). With `jwks`, proxies can ask
-    for a JWKS refresh (KeyService).
+    for a JWKS refresh and (with `token_review`) for TokenReviews: KeyService.
     """
     metrics = XdsMetrics(registry if registry is not None else REGISTRY, cache)
     proxies = ConnectedProxies()
@@ -77,7 +79,7 @@ async def start_grpc_server(
     debug_pb2_grpc.add_DebugServiceServicer_to_server(DebugService(cache, proxies), server)
     services = [ADS_SERVICE, DEBUG_SERVICE]
     if jwks is not None:
-        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(jwks), server)
+        keys_pb2_grpc.add_KeyServiceServicer_to_server(KeyService(jwks, token_review), server)
         services.append(KEY_SERVICE)
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)

@@ -1,5 +1,7 @@
 """Remote JWKS in the snapshots: which URLs the Policies name, their keys filled in before publishing,
-and the `KeyService.RefreshJwks` call proxies make when a token's kid is unknown.
+and `KeyService`, the gRPC service proxies call for keys and credentials: `RefreshJwks` when a token's
+kid is unknown, `ReviewToken` for service-account tokens a Policy validates by TokenReview (the review
+itself, its cache and the Kubernetes client are `controlplane.token_review`'s).
 
 The translator stays pure and leaves `Jwks.inline` empty for URL providers. `JwksWiring` keeps a
 `JwksFetcher` watching exactly the URLs the current snapshots name; `with_inline_keys` copies each
@@ -20,6 +22,13 @@ from urllib.parse import urlsplit
 import grpc
 
 from controlplane.jwks import JwksFetcher
+from controlplane.token_review import (
+    MAX_AUDIENCES,
+    MAX_TOKEN_BYTES,
+    ReviewFailure,
+    TokenReviewError,
+    TokenReviewService,
+)
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.api.agentgate.policy.v1 import keys_pb2, keys_pb2_grpc
 from shared.logging import get_logger
@@ -132,11 +141,22 @@ class JwksWiring:
         return "must be an https URL"
 
 
-class KeyService(keys_pb2_grpc.KeyServiceServicer):
-    """`RefreshJwks`: a proxy met an unknown kid. Coalescing and throttling are the fetcher's."""
+_REVIEW_STATUS = {
+    ReviewFailure.NOT_CONFIGURED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReviewFailure.REFUSED: grpc.StatusCode.FAILED_PRECONDITION,
+    ReviewFailure.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ReviewFailure.TIMEOUT: grpc.StatusCode.DEADLINE_EXCEEDED,
+}
 
-    def __init__(self, wiring: JwksWiring) -> None:
+
+class KeyService(keys_pb2_grpc.KeyServiceServicer):
+    """`RefreshJwks`: a proxy met an unknown kid (coalescing and throttling are the fetcher's).
+    `ReviewToken`: a proxy holds a service-account token to review (caching and single flight are
+    the `TokenReviewService`'s; without one every review is FAILED_PRECONDITION)."""
+
+    def __init__(self, wiring: JwksWiring, token_review: TokenReviewService | None = None) -> None:
         self._wiring = wiring
+        self._token_review = token_review
 
     async def RefreshJwks(
         self, request: keys_pb2.RefreshJwksRequest, context: grpc.aio.ServicerContext
@@ -151,6 +171,42 @@ class KeyService(keys_pb2_grpc.KeyServiceServicer):
         refreshed = await fetcher.refresh_now(url)
         log.info("jwks refresh requested", url=url, refreshed=refreshed, peer=context.peer())
         return keys_pb2.RefreshJwksResponse(refreshed=refreshed, error="" if refreshed else fetcher.error_for(url))
+
+    async def ReviewToken(
+        self, request: keys_pb2.ReviewTokenRequest, context: grpc.aio.ServicerContext
+    ) -> keys_pb2.ReviewTokenResponse:
+        token, audiences = request.token, tuple(request.audiences)
+        if not token:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "token is required")
+        if len(token) > MAX_TOKEN_BYTES:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"token larger than {MAX_TOKEN_BYTES} bytes")
+        # No audience would review the token for the API server's own audience: never what a proxy wants.
+        if not audiences or len(audiences) > MAX_AUDIENCES or not all(audiences):
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"audiences: 1 to {MAX_AUDIENCES} non-empty audiences are required"
+            )
+        service = self._token_review
+        if service is None:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, "no Kubernetes API configured")
+        assert service is not None
+        try:
+            result = await service.review(token, audiences)
+        except TokenReviewError as exc:
+            await context.abort(_REVIEW_STATUS[exc.failure], exc.message)
+            raise  # abort raises; this keeps type checkers content
+        if not result.authenticated:
+            log.info("token review: not authenticated", error=result.error, audiences=list(audiences))
+        response = keys_pb2.ReviewTokenResponse(
+            authenticated=result.authenticated,
+            username=result.username,
+            uid=result.uid,
+            groups=result.groups,
+            audiences=result.audiences,
+            error=result.error,
+        )
+        for name, values in result.extra.items():
+            response.extra[name].values.extend(values)
+        return response
 
 
 __all__ = ["KEY_SERVICE", "JwksWiring", "KeyService", "jwks_sources", "with_inline_keys"]

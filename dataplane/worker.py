@@ -24,6 +24,7 @@ from dataplane.config.model import RuntimeConfig
 from dataplane.http.server import ProxyServer
 from dataplane.metrics import WorkerMetrics
 from dataplane.policy.jwks_refresh import JwksRefreshClient
+from dataplane.policy.token_review import TokenReviewClient
 from dataplane.xds.client import AdsClient, AdsSettings
 from shared import logging as shared_logging
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
@@ -75,6 +76,10 @@ class Worker:
         # the worker itself never calls an identity provider.
         self.jwks_refresh = JwksRefreshClient(settings.xds)
         self.proxy.policies.on_jwks_refresh = self.jwks_refresh.request
+        # Service-account tokens of tokenReview providers are reviewed by the control plane, which
+        # holds the Kubernetes API credentials (KeyService.ReviewToken).
+        self.token_review = TokenReviewClient(settings.xds)
+        self.proxy.policies.token_reviewer = self.token_review
         self.config: RuntimeConfig | None = None
         self.draining = False
         self._announced_ready = False
@@ -174,6 +179,7 @@ class Worker:
             tg.start_soon(self.proxy.run)
             tg.start_soon(self.ads.run)
             await tg.start(self.jwks_refresh.run)
+            await tg.start(self.token_review.run)
             tg.start_soon(stop_on_signal, stop)
             if settings.stop_on_stdin_close:
                 tg.start_soon(self._watch_stdin, stop)

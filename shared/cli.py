@@ -33,6 +33,7 @@ def _run(main: Callable[..., Awaitable[object]], *args: object) -> None:
 def cmd_controlplane(args: argparse.Namespace) -> int:
     from controlplane.app import ControlPlane, ControlPlaneSettings
     from controlplane.jwks import JwksFetcher
+    from controlplane.token_review import KubeApiConfig
 
     if args.jwks_refresh <= 0 or args.jwks_min_refresh < 0:
         print("agentgate controlplane: --jwks-refresh must be > 0 and --jwks-min-refresh >= 0", file=sys.stderr)
@@ -40,7 +41,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     jwks = JwksFetcher(refresh_interval=args.jwks_refresh, min_refresh_interval=args.jwks_min_refresh)
     settings = ControlPlaneSettings(
         config_dir=Path(args.config), xds_address=args.xds_address, metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port,
+        metrics_port=args.metrics_port, kube_api=KubeApiConfig.detect(args.kubeconfig),
     )
 
     async def main() -> None:
@@ -73,6 +74,7 @@ def cmd_dataplane(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from controlplane.embedded import EmbeddedGateway, EmbeddedSettings
+    from controlplane.token_review import KubeApiConfig
 
     if args.workers < 1:
         print("agentgate run: --workers must be at least 1", file=sys.stderr)
@@ -81,7 +83,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         config_dir=Path(args.config), workers=args.workers, host=args.host, xds_port=args.xds_port,
         admin_port=args.admin_port, metrics_port=args.metrics_port, readiness_port=args.readiness_port,
         controlplane_metrics_port=args.controlplane_metrics_port, xds_mode=args.xds_mode,
-        drain_timeout=args.drain_timeout, log_level=args.log_level,
+        drain_timeout=args.drain_timeout, log_level=args.log_level, kube_api=KubeApiConfig.detect(args.kubeconfig),
     )
     _run(EmbeddedGateway(settings).run)
     return 0
@@ -106,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     cp.add_argument(
         "--jwks-min-refresh", type=float, default=30.0,
         help="least seconds between fetches of one JWKS, for refreshes proxies ask for on an unknown kid",
+    )
+    cp.add_argument(
+        "--kubeconfig", default=None, metavar="PATH",
+        help="Kubernetes API for service-account TokenReviews (default: in-cluster when run in a pod)",
     )
     _add_common(cp)
     cp.set_defaults(func=cmd_controlplane)
@@ -136,6 +142,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--controlplane-metrics-port", type=int, default=9978, help="-1 disables")
     run.add_argument("--xds-mode", choices=["delta", "sotw"], default="delta")
     run.add_argument("--drain-timeout", type=float, default=10.0)
+    run.add_argument(
+        "--kubeconfig", default=None, metavar="PATH",
+        help="Kubernetes API for service-account TokenReviews (default: in-cluster when run in a pod)",
+    )
     _add_common(run)
     run.set_defaults(func=cmd_run)
 

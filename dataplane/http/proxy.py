@@ -27,6 +27,7 @@ from dataplane.http.errors import (
 )
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
+from dataplane.llm.metering import Charge, MeteredSink
 from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
 from dataplane.mcp.modern import ModernEndpoint
 from dataplane.policy.chain import PolicyTable, Refused, WorkerPolicies
@@ -78,21 +79,20 @@ class _Progress:
         self.response_done = False
 
 
-class _ExtraHeadersSink:
-    """A sink that adds the policy chain's response headers (``x-ratelimit-*``) to the head."""
+class _HeadEditingSink:
+    """Passes a response through to ``_sink``; subclasses change only its head (``start``)."""
 
-    __slots__ = ("_extra", "_sink")
+    __slots__ = ("_sink",)
 
-    def __init__(self, sink: ResponseSink, extra: Headers) -> None:
+    def __init__(self, sink: ResponseSink) -> None:
         self._sink = sink
-        self._extra = extra
 
     @property
     def started(self) -> bool:
         return self._sink.started
 
     async def start(self, status: int, headers: Headers, content_length: int | None, body: bytes, end: bool) -> None:
-        await self._sink.start(status, [*headers, *self._extra], content_length, body, end)
+        await self._sink.start(status, headers, content_length, body, end)
 
     async def write(self, data: bytes) -> None:
         await self._sink.write(data)
@@ -102,6 +102,42 @@ class _ExtraHeadersSink:
 
     def abort(self) -> None:
         self._sink.abort()
+
+
+class _ExtraHeadersSink(_HeadEditingSink):
+    """A sink that adds the policy chain's response headers (``x-ratelimit-*``) to the head. With
+    ``inner_wins`` (MCP: the endpoint sets an item limit's headers itself) a name the response already
+    has is not added again."""
+
+    __slots__ = ("_extra", "_inner_wins")
+
+    def __init__(self, sink: ResponseSink, extra: Headers, *, inner_wins: bool = False) -> None:
+        super().__init__(sink)
+        self._extra = extra
+        self._inner_wins = inner_wins
+
+    async def start(self, status: int, headers: Headers, content_length: int | None, body: bytes, end: bool) -> None:
+        extra = self._extra
+        if self._inner_wins:
+            present = {name for name, _ in headers}
+            extra = [header for header in extra if header[0] not in present]
+        await self._sink.start(status, [*headers, *extra], content_length, body, end)
+
+
+class _CorsSink(_HeadEditingSink):
+    """A sink that sets a CORS policy's response headers (MCP routes: the endpoint answers itself, and
+    refusals of the policy chain must be readable by a browser client too, e.g. a 401's challenge)."""
+
+    __slots__ = ("_cors", "_request_headers")
+
+    def __init__(self, sink: ResponseSink, cors: CorsPolicy, request_headers: Headers) -> None:
+        super().__init__(sink)
+        self._cors = cors
+        self._request_headers = request_headers
+
+    async def start(self, status: int, headers: Headers, content_length: int | None, body: bytes, end: bool) -> None:
+        headers = self._cors.response_headers(self._request_headers, list(headers))
+        await self._sink.start(status, headers, content_length, body, end)
 
 
 class ProxyHandler:
@@ -275,9 +311,18 @@ class ProxyHandler:
         policy = table.lookup(request, route.name, choice.name)
         effective = EMPTY_POLICY
         caller: CallerPolicy | None = None
+        charge: Charge | None = None  # budgets and token limits: charged with the usage the response reports
         if policy is not None:
             effective = policy.effective
-            if await self._answer_cors_preflight(request, sink, effective):
+            if cluster.kind == "mcp":
+                # Preflights are answered here, before any MCP parsing; every MCP answer (refusals too) gets CORS.
+                plan = forward_policy(effective)
+                if plan is not None and plan.mcp_cors is not None:
+                    if is_preflight(request.method, request.headers):
+                        await self._send_preflight_answer(sink, plan.mcp_cors, request.headers)
+                        return
+                    sink = _CorsSink(sink, plan.mcp_cors, request.headers)
+            elif await self._answer_cors_preflight(request, sink, effective):
                 return
             if not policy.idle:
                 outcome = await policy.evaluate(request)
@@ -286,8 +331,10 @@ class ProxyHandler:
                     return
                 request.headers = outcome.headers
                 caller = outcome.mcp
+                if outcome.wants_usage:
+                    charge = outcome.charge
                 if outcome.response_headers:
-                    sink = _ExtraHeadersSink(sink, outcome.response_headers)
+                    sink = _ExtraHeadersSink(sink, outcome.response_headers, inner_wins=cluster.kind == "mcp")
         timeout = route.request_timeout
         if cluster.kind == "mcp" and cluster.mcp is not None:
             # The endpoint bounds each MCP request by the route's timeout itself: its GET streams outlive it.
@@ -299,13 +346,20 @@ class ProxyHandler:
         target = cluster.pick_target()
         if target is None:
             raise BackendUnavailable(f"backend {cluster.name} has no targets")
-        if timeout is None:
-            await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
-            return
-        with anyio.move_on_after(timeout) as scope:
-            await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
-        if scope.cancelled_caught:
-            raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+        metered: MeteredSink | None = None
+        if charge is not None:
+            sink = metered = MeteredSink(sink, charge, route=route.name)
+        try:
+            if timeout is None:
+                await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
+                return
+            with anyio.move_on_after(timeout) as scope:
+                await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
+            if scope.cancelled_caught:
+                raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+        finally:
+            if metered is not None:  # however the response ended: charge what it reported, once
+                await metered.settle()
 
     async def _forward(
         self,

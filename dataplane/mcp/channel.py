@@ -8,13 +8,25 @@ in arrival order. One channel is one upstream MCP session.
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 JSON = dict[str, Any]
+# What a failed send may be retried on (the policy's retryOn): nothing reached the target, the
+# connection broke before any response, or an HTTP 5xx status (dataplane.policy.resilience).
+SendFailure = Literal["connect-failure", "reset"] | int
 
 
 class TargetUnavailable(Exception):
-    """The target cannot be reached or stopped answering; the message says why (for the JSON-RPC error)."""
+    """The target cannot be reached or stopped answering; the message says why (for the JSON-RPC error).
+
+    ``failure`` is set only where the transport knows the request got no response at all (a connect
+    failure, a reset before the response head, a 5xx head), which is when a retry may help; None for
+    everything else (bad responses, stdio processes, broken streams), which is never retried.
+    """
+
+    def __init__(self, message: str = "", *, failure: SendFailure | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure
 
 
 class TargetClosed(Exception):

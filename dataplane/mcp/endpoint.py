@@ -18,9 +18,11 @@ response the client waits for (the SDK then gives up on that request, or retries
 worker that holds it); an id the gateway never issued gets 400. Resumption is per worker.
 
 Bounds: a request waits at most ``request_timeout`` or the route's request timeout, whichever is
-shorter, counted by its session whether or not a client reads; then it gets a JSON-RPC error and is
-cancelled upstream. The GET and legacy SSE streams are not bounded by the route's timeout: they
-last as long as their session (DELETE, idle expiry, or the client going).
+shorter (without a route timeout, the caller's policy ``requestTimeout`` replaces both), counted by
+its session whether or not a client reads; then it gets JSON-RPC error -32001 and is cancelled
+upstream. The policy's per-try timeout and retries apply to each upstream attempt (sessions.py).
+The GET and legacy SSE streams are not bounded by the route's timeout: they last as long as their
+session (DELETE, idle expiry, or the client going).
 
 Policy (``caller``, built by ``dataplane.policy.chain`` after the HTTP request was authenticated and
 authorized): each request attaches the caller's variables to the session's federation, whose single
@@ -33,7 +35,16 @@ the implementation-defined range JSON-RPC leaves below MCP's own -32020..-32099)
 id: the transports let an error status carry a JSON-RPC body, and clients surface it as that request's
 error while HTTP-aware ones honour ``Retry-After``. Legacy HTTP+SSE clients read answers only on their
 stream (an error status on a message POST ends some clients' writer), so there the POST gets 202 and
-the error goes on the stream.
+the error goes on the stream. An admitted request that a limit counted carries that limit's ``x-ratelimit-*``
+(the tightest of the HTTP-level and item limits) on its JSON or SSE answer (legacy: on the 202).
+
+Authorization rules on a call's arguments (``mcp.tool.arguments``) cannot hide a tool from lists, which
+have no arguments (``dataplane.policy.mcp_visibility``); they are decided per ``tools/call``, before limits
+count it. A call to a visible tool whose arguments the rules deny is answered HTTP 200 with a JSON-RPC error
+``POLICY_DENIED`` (-32011, next to ``RATE_LIMITED``) saying policy denied the call; no rule text is echoed
+(the rule is in the gateway's log). 200, not 403: the HTTP request was authorized, one call was not, and a 403
+sends OAuth-aware clients into a scope step-up. A hidden tool still fails like an unknown one (-32602).
+Legacy clients get the error on their stream, like a limit's. Same for every era: the three call ``_admit``.
 
 Paths: under an MCP route, a path ending in ``/sse`` (GET) and one ending in ``/message`` (POST)
 belong to the legacy transport (legacy_endpoint.py): route ``/mcp`` serves streamable HTTP at
@@ -52,6 +63,7 @@ from typing import Any, Final, Protocol
 from urllib.parse import unquote
 
 from dataplane.config.model import UpstreamCluster
+from dataplane.config.policy import ResilienceSettings
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
 from dataplane.mcp.federation import FederationConfig, McpFederation, Visibility, allow_all
 from dataplane.mcp.headers import (
@@ -105,8 +117,10 @@ _MAX_HELD = 64
 _SESSION_VERSIONS = ("2025-03-26", "2025-06-18", "2025-11-25")
 # Versions whose clients expect a priming event (an id with empty data) at the start of a stream.
 _PRIMING_VERSIONS: Final = frozenset({"2025-11-25"})
-# The JSON-RPC error of a request a limit refused (see the module docstring).
+# The JSON-RPC errors of a request a limit refused, and of a call whose arguments policy denied (see the
+# module docstring).
 RATE_LIMITED: Final = -32010
+POLICY_DENIED: Final = -32011
 # Methods that use one item, and the parameter naming it.
 _ITEM_PARAMS: Final = {"tools/call": "name", "prompts/get": "name", "resources/read": "uri"}
 
@@ -173,12 +187,14 @@ class _Reject(Exception):
 @dataclass(frozen=True, slots=True)
 class CallRefusal:
     """A limit refused one MCP request: the HTTP status (429, or 503 for a store that cannot be
-    reached), the message, the headers (``retry-after``, ``x-ratelimit-*``) and the wait in seconds."""
+    reached), the message, the headers (``retry-after``, ``x-ratelimit-*``) and the wait in seconds.
+    With ``code`` ``POLICY_DENIED``: authorization refused a call's arguments (status 200, no wait)."""
 
     status: int
     message: str
     headers: Headers
     retry_after: float
+    code: int = RATE_LIMITED
 
 
 class CallerPolicy(Protocol):
@@ -193,7 +209,18 @@ class CallerPolicy(Protocol):
         ...
 
     async def admit(self, method: str, target: str, name: str, arguments: Any) -> CallRefusal | None:
-        """Count one request (``name`` on ``target``: upstream names) against the limits; a refusal or None."""
+        """Decide one request (``name`` on ``target``: upstream names) on its arguments and count it against
+        the limits; a refusal or None."""
+        ...
+
+    @property
+    def response_headers(self) -> Headers:
+        """Headers for the answer to the request ``admit`` last let through (``x-ratelimit-*``), or []."""
+        ...
+
+    @property
+    def resilience(self) -> ResilienceSettings | None:
+        """The policy's timeouts and retries for each JSON-RPC request (None: the defaults)."""
         ...
 
 
@@ -304,7 +331,11 @@ class McpEndpoint:
         """Answer one HTTP request for the MCP backend ``cluster``; ``route_timeout`` is the route's
         request timeout, which bounds requests but not the long-lived GET streams; ``caller`` the
         policy chain's decision for this request (None: no MCP rules or limits apply)."""
-        bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
+        resilience = caller.resilience if caller is not None else None
+        if route_timeout is None and resilience is not None and resilience.request_timeout is not None:
+            route_timeout = bound = resilience.request_timeout  # the route's own timeout wins over the policy's
+        else:
+            bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
         try:
             origin = _header(request.headers, b"origin")
             if origin is not None:
@@ -364,6 +395,7 @@ class McpEndpoint:
                 if refusal is not None:
                     await _send_refused_call(sink, parsed, refusal)
                     return
+                sink = _with_headers(sink, caller.response_headers)
             visibility = caller.visibility() if caller is not None else allow_all
             # The route's timeout bounds each request (answered with a JSON-RPC error), not listen streams.
             await self.modern.post(request, sink, cluster, parsed, route_timeout, visibility=visibility)
@@ -391,7 +423,9 @@ class McpEndpoint:
             if refusal is not None:
                 await _send_refused_call(sink, parsed, refusal)
                 return
-        await self._exchange(sink, session, parsed, bound, prime=version in _PRIMING_VERSIONS)
+            sink = _with_headers(sink, caller.response_headers)
+        resilience = caller.resilience if caller is not None else None
+        await self._exchange(sink, session, parsed, bound, prime=version in _PRIMING_VERSIONS, resilience=resilience)
 
     def _naming(self, cluster: UpstreamCluster) -> Naming:
         entry = self._namings.get(cluster.name)
@@ -454,7 +488,8 @@ class McpEndpoint:
             return response, [(b"mcp-session-id", token.encode("ascii"))]
 
         try:
-            await self._exchange(sink, session, parsed, bound, prime=False, issue=issue)
+            resilience = caller.resilience if caller is not None else None
+            await self._exchange(sink, session, parsed, bound, prime=False, issue=issue, resilience=resilience)
         finally:
             if not issued:
                 await session.aclose()
@@ -468,8 +503,10 @@ class McpEndpoint:
         *,
         prime: bool,
         issue: Issue | None = None,
+        resilience: ResilienceSettings | None = None,
     ) -> None:
-        """Submit one request, answered within ``bound`` seconds, and answer it from its stream (see ``_answer``)."""
+        """Submit one request, answered within ``bound`` seconds (its upstream attempts per the caller's
+        ``resilience``), and answer it from its stream (see ``_answer``)."""
         params = parsed.params if isinstance(parsed.params, dict) else {}
         meta = params.get("_meta")
         progress_token = meta.get("progressToken") if isinstance(meta, dict) else None
@@ -480,7 +517,7 @@ class McpEndpoint:
             return
         reader = session.attach(stream)
         try:
-            await session.submit(parsed.raw)
+            await session.submit(parsed.raw, resilience)
             await self._answer(sink, stream, reader, parsed.id, prime, issue)
         finally:
             # A client gone mid-stream may resume it: the session keeps it (and the request) for a while.
@@ -660,14 +697,16 @@ class McpEndpoint:
             await _send_json(sink, 400, parsed.to_response())
             return
         _attach(caller, link.session.federation)
+        counted: Headers = []
         if caller is not None and isinstance(parsed, Request):
             refusal = await self._admit(caller, cluster, parsed)
             if refusal is not None:
                 _refuse_on_stream(link, parsed, refusal)
                 await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
                 return
-        await self.legacy.submit(link, parsed, bound)
-        await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
+            counted = caller.response_headers
+        await self.legacy.submit(link, parsed, bound, caller.resilience if caller is not None else None)
+        await sink.start(202, [(b"content-length", b"0"), *counted], 0, b"", True)
 
 
 def _event(stream: EventStream, seq: int, data: bytes) -> bytes:
@@ -733,6 +772,8 @@ async def _send_json(sink: ResponseSink, status: int, message: dict[str, Any], e
 
 
 def _refusal_error(request: Request, refusal: CallRefusal) -> dict[str, Any]:
+    if refusal.code != RATE_LIMITED:
+        return error_response(request.id, refusal.code, refusal.message)
     data = {"retryAfter": max(1, round(refusal.retry_after)), "status": refusal.status}
     return error_response(request.id, RATE_LIMITED, refusal.message, data)
 
@@ -743,6 +784,37 @@ async def _send_refused_call(sink: ResponseSink, request: Request, refusal: Call
 
 def _refuse_on_stream(link: LegacyLink, request: Request, refusal: CallRefusal) -> None:
     link.stream.append(_refusal_error(request, refusal))
+
+
+class _HeadersSink:
+    """A sink adding ``extra`` (an admitted request's limit headers) to the response head. The proxy's
+    own wrapper keeps these over its HTTP-level copies of the same names."""
+
+    __slots__ = ("_extra", "_sink")
+
+    def __init__(self, sink: ResponseSink, extra: Headers) -> None:
+        self._sink = sink
+        self._extra = extra
+
+    @property
+    def started(self) -> bool:
+        return self._sink.started
+
+    async def start(self, status: int, headers: Headers, content_length: int | None, body: bytes, end: bool) -> None:
+        await self._sink.start(status, [*headers, *self._extra], content_length, body, end)
+
+    async def write(self, data: bytes) -> None:
+        await self._sink.write(data)
+
+    async def end(self, trailers: Headers) -> None:
+        await self._sink.end(trailers)
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+
+def _with_headers(sink: ResponseSink, extra: Headers) -> ResponseSink:
+    return _HeadersSink(sink, extra) if extra else sink
 
 
 async def _send_reject(sink: ResponseSink, reject: _Reject) -> None:
@@ -758,6 +830,7 @@ __all__ = [
     "DEFAULT_REQUEST_TIMEOUT",
     "DEFAULT_RETRY_MS",
     "DEFAULT_SSE_AFTER",
+    "POLICY_DENIED",
     "RATE_LIMITED",
     "CallRefusal",
     "CallerPolicy",

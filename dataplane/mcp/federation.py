@@ -33,6 +33,19 @@ What it does, and the rules it follows:
   conversation.
 - ``Visibility`` is the one rule, applied to list items, calls, reads, completions and resource-update
   notifications. A hidden item and an unknown one get the same -32602 error, so nothing leaks.
+- Resilience (the caller's policy, passed with each client request): the shell owns the clocks and asks.
+  ``expire`` ends a request at its deadline: the client gets -32001 "Request timed out" (the code both MCP
+  SDKs use), every pending upstream attempt gets ``notifications/cancelled``, and late answers are dropped.
+  Progress resets nothing: the spec lets a receiver reset its clock on progress but asks it to enforce a
+  maximum anyway, and a gateway's requestTimeout is the operator's maximum. Each request sent upstream
+  carries the per-try timeout (``SendToTarget.try_timeout``); ``attempt_timed_out`` cancels that attempt
+  and retries it (as a ``reset``) or fails that target's part with -32001. ``retry_attempt`` decides
+  whether a send that got no response (connect failure, reset, 5xx) is sent again: per the policy's
+  retryOn, attempts and jittered backoff, only for methods ``retries_mcp_method`` allows, where a
+  ``tools/call`` also counts as idempotent when the target's own tools/list marked the tool
+  ``readOnlyHint`` or ``idempotentHint`` (targets are the operator's configured servers, the trusted
+  source the spec asks annotations to come from). A retry goes out under a fresh gateway id, so an answer
+  to the abandoned attempt can never be taken for the retry's. Catalog walks are not retried.
 """
 
 from __future__ import annotations
@@ -42,16 +55,26 @@ import binascii
 import enum
 import itertools
 import json
+import random
 import re
 from collections.abc import Callable, Iterable, MutableMapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from dataplane.config.model import McpBackendSettings
+from dataplane.config.policy import ResilienceSettings
 from dataplane.mcp.jsonrpc import ErrorCode, RequestId
 from dataplane.mcp.jsonrpc import error_response as _error
 from dataplane.mcp.jsonrpc import result_response as _result
 from dataplane.mcp.naming import Naming, PrefixMode
+from dataplane.policy.resilience import (
+    NON_IDEMPOTENT_MCP_METHODS,
+    FailureKind,
+    backoff_delay,
+    retries_failure,
+    retries_mcp_method,
+    retries_status,
+)
 
 JSON = dict[str, Any]
 
@@ -59,6 +82,9 @@ INVALID_REQUEST = int(ErrorCode.INVALID_REQUEST)
 METHOD_NOT_FOUND = int(ErrorCode.METHOD_NOT_FOUND)
 INVALID_PARAMS = int(ErrorCode.INVALID_PARAMS)
 INTERNAL_ERROR = int(ErrorCode.INTERNAL_ERROR)
+# The code both official MCP SDKs give a request that timed out (TypeScript ErrorCode.RequestTimeout,
+# Python mcp_types.REQUEST_TIMEOUT), so clients treat the gateway's timeout like their own.
+REQUEST_TIMEOUT = -32001
 
 # Newest first. The gateway answers initialize with the client's version if listed here, else the first.
 DEFAULT_SUPPORTED_VERSIONS: tuple[str, ...] = ("2025-11-25", "2025-06-18", "2025-03-26")
@@ -99,10 +125,13 @@ def allow_all(kind: Kind, target: str, name: str) -> bool:
 
 @dataclass(frozen=True, slots=True)
 class SendToTarget:
-    """Send ``message`` to the named target."""
+    """Send ``message`` to the named target, after ``delay`` seconds (a retry's backoff); a request with a
+    ``try_timeout`` is given that long (from when it is sent) before the shell calls ``attempt_timed_out``."""
 
     target: str
     message: JSON
+    try_timeout: float | None = None
+    delay: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +180,10 @@ _AMBIGUOUS = ""  # owner of a bare name listed by several targets; never a valid
 MAX_CATALOG_PAGES = 1000
 # Capabilities the gateway can route, hence may advertise.
 _ROUTED_CAPABILITIES = ("tools", "prompts", "resources", "logging", "completions")
+
+
+def _cancelled(up_id: int, reason: str) -> JSON:
+    return {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": up_id, "reason": reason}}
 
 
 def _is_id(value: Any) -> bool:
@@ -223,6 +256,9 @@ class _Exchange:
     failures: dict[str, JSON] = field(default_factory=dict)
     fresh_list: bool = False  # a first page: rebuilds the name index
     requested_version: str | None = None  # initialize: the version the client asked for
+    resilience: ResilienceSettings | None = None  # the caller's timeouts and retries
+    sent: dict[str, JSON] = field(default_factory=dict)  # target -> request last sent, for a retry
+    retries: dict[str, int] = field(default_factory=dict)  # target -> retries done
 
 
 @dataclass(slots=True, eq=False)
@@ -246,6 +282,7 @@ class _Parked:
     modern: bool
     waiting: set[tuple[Kind, str]]
     failures: dict[str, JSON] = field(default_factory=dict)
+    resilience: ResilienceSettings | None = None
 
 
 class McpFederation:
@@ -256,11 +293,17 @@ class McpFederation:
         config: FederationConfig,
         visibility: Visibility = allow_all,
         catalogs: MutableMapping[tuple[Kind, str], frozenset[str]] | None = None,
+        rand: Callable[[], float] = random.random,
     ) -> None:
         """``catalogs`` may be shared by conversations of one backend (e.g. 2026-07-28 requests, which have no
         session), so a call does not walk the target's lists each time; it holds upstream names, before
-        visibility, so sharing across callers is safe."""
+        visibility, so sharing across callers is safe. ``rand`` draws the retry backoff's jitter."""
         self.config = config
+        self._rand = rand
+        # The resilience of the client request being handled (set around a handler, kept by parked calls).
+        self._resilience: ResilienceSettings | None = None
+        # (target, upstream tool name) marked readOnlyHint or idempotentHint by the target's tools/list.
+        self._idempotent_tools: set[tuple[str, str]] = set()
         self.naming = config.naming
         self.visibility = visibility
         self._ids = itertools.count(1)
@@ -314,8 +357,9 @@ class McpFederation:
 
     # Inputs -------------------------------------------------------------------------------------------------
 
-    def receive_from_client(self, message: Any) -> list[Action]:
-        """Handle one parsed JSON-RPC message from the client."""
+    def receive_from_client(self, message: Any, resilience: ResilienceSettings | None = None) -> list[Action]:
+        """Handle one parsed JSON-RPC message from the client; ``resilience`` is the caller's policy for a
+        request (per-try timeout and retries of its upstream attempts)."""
         if not isinstance(message, dict):
             return [SendToClient(_error(None, INVALID_REQUEST, "Invalid Request"))]
         method = message.get("method")
@@ -341,7 +385,11 @@ class McpFederation:
             return [SendToClient(_error(request_id, INVALID_REQUEST, "Request id already in use"))]
         meta = params.get("_meta")
         modern = isinstance(meta, dict) and _META_VERSION in meta
-        return handler(request_id, method, params, modern)
+        self._resilience = resilience
+        try:
+            return handler(request_id, method, params, modern)
+        finally:
+            self._resilience = None
 
     def receive_from_target(self, target: str, message: Any) -> list[Action]:
         """Handle one parsed JSON-RPC message from ``target``; malformed upstream messages are dropped."""
@@ -390,6 +438,97 @@ class McpFederation:
                 params = {"requestId": gw_id, "reason": f"MCP target {target!r} failed"}
                 actions.append(SendToClient({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}))
         return actions
+
+    # Resilience (the shell's timers and failed sends) ----------------------------------------------------
+
+    def expire(self, request_id: RequestId) -> list[Action]:
+        """The client request ``request_id`` reached its deadline: answer it with -32001, cancel every
+        upstream attempt still pending, and forget it (late answers are dropped); [] when nothing is
+        pending for that id (answered already)."""
+        if self._parked.pop(request_id, None) is not None:
+            return [SendToClient(_error(request_id, REQUEST_TIMEOUT, "Request timed out"))]
+        exchange = self._exchanges.get(request_id)
+        if exchange is None:
+            return []
+        pending = list(exchange.upstream.items())
+        self._forget(exchange)
+        actions: list[Action] = [SendToClient(_error(request_id, REQUEST_TIMEOUT, "Request timed out"))]
+        for target, up_id in pending:
+            actions.append(SendToTarget(target, _cancelled(up_id, "the request timed out at the gateway")))
+        return actions
+
+    def is_pending(self, target: str, up_id: int) -> bool:
+        """Whether an answer from ``target`` to gateway id ``up_id`` is still awaited (a delayed retry checks
+        this before it goes out: its request may have been answered, cancelled or expired meanwhile)."""
+        return (target, up_id) in self._upstream
+
+    def retry_attempt(self, target: str, up_id: int, failure: FailureKind | int) -> SendToTarget | None:
+        """The request sent to ``target`` as ``up_id`` got no response (``failure``: connect-failure, reset,
+        or a 5xx status): the same request under a fresh id, with its backoff as ``delay``, when the
+        caller's policy retries it; None when it is not retried (the shell then fails it as before)."""
+        exchange = self._upstream.get((target, up_id))
+        if not isinstance(exchange, _Exchange) or not self._may_retry(exchange, target, failure):
+            return None
+        return self._resend(exchange, target, up_id)
+
+    def attempt_timed_out(self, target: str, up_id: int) -> list[Action]:
+        """The per-try timeout of the attempt ``up_id`` on ``target`` passed without its answer: cancel that
+        attempt, then retry it (as a ``reset``) or fail this target's part of the request with -32001."""
+        exchange = self._upstream.get((target, up_id))
+        if not isinstance(exchange, _Exchange):
+            return []
+        cancel = SendToTarget(target, _cancelled(up_id, "the attempt timed out at the gateway"))
+        if self._may_retry(exchange, target, "reset"):
+            return [cancel, self._resend(exchange, target, up_id)]
+        del self._upstream[(target, up_id)]
+        del exchange.upstream[target]
+        error = {"code": REQUEST_TIMEOUT, "message": f"Request timed out: MCP target {target!r} did not answer"}
+        return [cancel, *self._settle(exchange, target, error=error)]
+
+    def _may_retry(self, exchange: _Exchange, target: str, failure: FailureKind | int) -> bool:
+        resilience = exchange.resilience
+        retry = resilience.retry if resilience is not None else None
+        if retry is None or exchange.retries.get(target, 0) >= retry.attempts or target not in exchange.sent:
+            return False
+        if isinstance(failure, int):
+            if not retries_status(retry, failure):
+                return False
+        elif not retries_failure(retry, failure):
+            return False
+        if retries_mcp_method(retry, exchange.method):
+            return True
+        if exchange.method not in NON_IDEMPOTENT_MCP_METHODS:
+            return False
+        name = exchange.sent[target]["params"].get("name")
+        return (target, name) in self._idempotent_tools
+
+    def _resend(self, exchange: _Exchange, target: str, up_id: int) -> SendToTarget:
+        """The request again under a fresh gateway id; the old id's answer, if one ever comes, is dropped."""
+        retry = exchange.resilience.retry if exchange.resilience is not None else None
+        assert retry is not None
+        done = exchange.retries[target] = exchange.retries.get(target, 0) + 1
+        self._upstream.pop((target, up_id), None)
+        new_id = next(self._ids)
+        exchange.upstream[target] = new_id
+        self._upstream[(target, new_id)] = exchange
+        message = exchange.sent[target] = {**exchange.sent[target], "id": new_id}
+        delay = backoff_delay(retry, done, self._rand)
+        assert exchange.resilience is not None
+        return SendToTarget(target, message, try_timeout=exchange.resilience.per_try_timeout, delay=delay)
+
+    def _note_hints(self, target: str, items: Any, first_page: bool) -> None:
+        """Remember which of a target's tools say a repeated call has no further effect."""
+        hinted = self._idempotent_tools
+        if first_page:
+            self._idempotent_tools = hinted = {key for key in hinted if key[0] != target}
+        for item in items if isinstance(items, list) else ():
+            if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+                continue
+            annotations = item.get("annotations")
+            if isinstance(annotations, dict) and (
+                annotations.get("readOnlyHint") is True or annotations.get("idempotentHint") is True
+            ):
+                hinted.add((target, item["name"]))
 
     # Client requests ----------------------------------------------------------------------------------------
 
@@ -507,7 +646,8 @@ class McpFederation:
         self, request_id: RequestId, method: str, params: JSON, modern: bool, kind: Kind, targets: set[str]
     ) -> list[Action]:
         """Hold a call until the catalogs of ``targets`` are known, starting the walks not yet running."""
-        self._parked[request_id] = _Parked(method, params, modern, {(kind, t) for t in targets})
+        waiting = {(kind, t) for t in targets}
+        self._parked[request_id] = _Parked(method, params, modern, waiting, resilience=self._resilience)
         meta = params.get("_meta")
         meta = {k: v for k, v in meta.items() if k != "progressToken"} if isinstance(meta, dict) else None
         actions: list[Action] = []
@@ -542,6 +682,8 @@ class McpFederation:
                 name = item.get("name") if isinstance(item, dict) else None
                 if isinstance(name, str):
                     walk.names.add(name)
+            if walk.kind is Kind.TOOL:
+                self._note_hints(walk.target, items, walk.pages == 1)
             next_cursor = result.get("nextCursor")
             if isinstance(next_cursor, str) and next_cursor:
                 if walk.pages < MAX_CATALOG_PAGES:
@@ -568,7 +710,11 @@ class McpFederation:
                 actions.append(SendToClient(self._failure(request_id, parked.failures)))
                 continue
             route = self._route_named if parked.method in _NAMED else self._complete
-            actions += route(request_id, parked.method, parked.params, parked.modern, may_walk=False)
+            self._resilience = parked.resilience
+            try:
+                actions += route(request_id, parked.method, parked.params, parked.modern, may_walk=False)
+            finally:
+                self._resilience = None
         return actions
 
     def _resolve_uri(self, exposed: str) -> tuple[str, str] | None:
@@ -600,7 +746,7 @@ class McpFederation:
     def _forward(self, request_id: RequestId, method: str, modern: bool, target: str, params: JSON) -> list[Action]:
         if target in self._down:
             return [SendToClient(_error(request_id, INTERNAL_ERROR, f"MCP target {target!r} is unavailable"))]
-        exchange = _Exchange(request_id, method, modern, fan_out=False)
+        exchange = _Exchange(request_id, method, modern, fan_out=False, resilience=self._resilience)
         self._exchanges[request_id] = exchange
         return [self._send(exchange, target, params)]
 
@@ -615,7 +761,13 @@ class McpFederation:
         requested: str | None = None,
     ) -> list[Action]:
         exchange = _Exchange(
-            request_id, method, modern, fan_out=True, fresh_list=fresh_list, requested_version=requested
+            request_id,
+            method,
+            modern,
+            fan_out=True,
+            fresh_list=fresh_list,
+            requested_version=requested,
+            resilience=self._resilience,
         )
         if not per_target:
             return [SendToClient(self._merge(exchange))]
@@ -632,7 +784,12 @@ class McpFederation:
             params = {**params, "_meta": {**meta, "progressToken": token}}
         exchange.upstream[target] = up_id
         self._upstream[(target, up_id)] = exchange
-        return SendToTarget(target, {"jsonrpc": "2.0", "id": up_id, "method": exchange.method, "params": params})
+        message = {"jsonrpc": "2.0", "id": up_id, "method": exchange.method, "params": params}
+        resilience = exchange.resilience
+        if resilience is None:
+            return SendToTarget(target, message)
+        exchange.sent[target] = message
+        return SendToTarget(target, message, try_timeout=resilience.per_try_timeout)
 
     def _forget(self, exchange: _Exchange) -> None:
         self._exchanges.pop(exchange.client_id, None)
@@ -736,6 +893,8 @@ class McpFederation:
             has_more = isinstance(next_cursor, str) and bool(next_cursor)
             if observe:
                 self._observe(kind, target, raw, exchange.fresh_list, has_more)
+                if kind is Kind.TOOL:
+                    self._note_hints(target, raw, exchange.fresh_list)
             for item in raw if isinstance(raw, list) else ():
                 name = item.get(field_name) if isinstance(item, dict) else None
                 if not isinstance(name, str) or not self._visible(kind, target, name):
@@ -904,6 +1063,8 @@ class McpFederation:
             kind = _LIST_CHANGED[method]
             self._catalogs.pop((kind, target), None)
             self._observing.pop((kind, target), None)
+            if kind is Kind.TOOL:
+                self._idempotent_tools = {key for key in self._idempotent_tools if key[0] != target}
         elif method == "notifications/message":
             logger = params.get("logger")
             params = {**params, "logger": f"{target}/{logger}" if isinstance(logger, str) and logger else target}
@@ -912,6 +1073,7 @@ class McpFederation:
 
 __all__ = [
     "DEFAULT_SUPPORTED_VERSIONS",
+    "REQUEST_TIMEOUT",
     "Action",
     "FailureMode",
     "FederationConfig",

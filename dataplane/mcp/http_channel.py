@@ -54,7 +54,7 @@ from dataplane.http.errors import ProxyError, RetryableUpstreamError
 from dataplane.http.h1codec import ResponseHead
 from dataplane.http.limits import DEFAULT_LIMITS, ProxyLimits
 from dataplane.http.stream import ReadTimeout, Wakeup
-from dataplane.mcp.channel import JSON, TargetClosed, TargetUnavailable
+from dataplane.mcp.channel import JSON, SendFailure, TargetClosed, TargetUnavailable
 from dataplane.mcp.headers import (
     MCP_NAME_SOURCE,
     META_PROTOCOL_VERSION,
@@ -63,6 +63,7 @@ from dataplane.mcp.headers import (
 )
 from dataplane.mcp.jsonrpc import ErrorCode, error_response
 from dataplane.mcp.sse import SseError, SseEvent, SseParser
+from dataplane.policy.resilience import failure_kind
 from dataplane.upstream.exchange import Exchange, Headers, UpstreamRequest
 from dataplane.upstream.pool import Http1Pool
 from shared.logging import get_logger
@@ -138,8 +139,9 @@ class McpHttpUpstream:
         self.tasks: set[asyncio.Task[None]] = set()
 
     # --- errors and inbox ---------------------------------------------------------------------
-    def unavailable(self, cause: str) -> TargetUnavailable:
-        return TargetUnavailable(f"MCP target {self.target.name} ({self.target.authority}): {cause}")
+    def unavailable(self, cause: str, failure: SendFailure | None = None) -> TargetUnavailable:
+        """``failure``: the retry condition when the target gave no response at all (see TargetUnavailable)."""
+        return TargetUnavailable(f"MCP target {self.target.name} ({self.target.authority}): {cause}", failure=failure)
 
     async def deliver(self, message: JSON) -> None:
         """Queue a message for `receive`; a full inbox holds the stream readers back (and so the
@@ -217,11 +219,12 @@ class McpHttpUpstream:
         except TimeoutError:
             if exchange is not None:
                 exchange.abort()
-            raise self.unavailable(f"no response to {method.decode()} within {self.response_timeout:g}s") from None
+            cause = f"no response to {method.decode()} within {self.response_timeout:g}s"
+            raise self.unavailable(cause, "reset") from None
         except ProxyError as exc:
             if exchange is not None:
                 exchange.abort()
-            raise self.unavailable(exc.message) from None
+            raise self.unavailable(exc.message, failure_kind(exc)) from None
         except BaseException:
             if exchange is not None:
                 exchange.abort()
@@ -427,7 +430,7 @@ class StreamableHttpChannel:
             raise TargetClosed(SESSION_EXPIRED)
         if status >= 500:
             await up.drain(exchange)
-            raise up.unavailable(f"upstream answered {status}")
+            raise up.unavailable(f"upstream answered {status}", status)
         if not _is_request(message):
             await up.drain(exchange)
             if not 200 <= status < 300:

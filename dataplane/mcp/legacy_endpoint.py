@@ -31,6 +31,7 @@ from typing import Final
 import anyio
 
 from dataplane.config.model import UpstreamCluster
+from dataplane.config.policy import ResilienceSettings
 from dataplane.http.messages import ResponseSink
 from dataplane.mcp.jsonrpc import ErrorCode, Message, Request, error_response
 from dataplane.mcp.sessions import EventStream, FederatedSession, McpSessions, RequestIdInUse
@@ -120,8 +121,11 @@ class LegacySseEndpoint:
             raise LegacyRefusal(421, message)
         raise LegacyRefusal(404, "Not Found: no such HTTP+SSE session (it ended, or never existed)")
 
-    async def submit(self, link: LegacyLink, parsed: Message, bound: float) -> None:
-        """Hand one client message to the session; answers go out on the stream (a request's within ``bound`` s)."""
+    async def submit(
+        self, link: LegacyLink, parsed: Message, bound: float, resilience: ResilienceSettings | None = None
+    ) -> None:
+        """Hand one client message to the session; answers go out on the stream (a request's within
+        ``bound`` s, its upstream attempts per the caller's ``resilience``)."""
         session = link.session
         if isinstance(parsed, Request):
             params = parsed.params if isinstance(parsed.params, dict) else {}
@@ -132,7 +136,7 @@ class LegacySseEndpoint:
             except RequestIdInUse as exc:
                 link.stream.append(error_response(parsed.id, ErrorCode.INVALID_REQUEST, str(exc)))
                 return
-        await session.submit(parsed.raw)
+        await session.submit(parsed.raw, resilience)
 
     def end_streams(self) -> None:
         """Draining: end the streams of sessions with nothing in flight (the client reconnects, on

@@ -18,7 +18,10 @@ prefixed name like any call.
 ``subscriptions/listen`` is a long SSE response: the gateway acknowledges, then relays the change
 notifications of every target (a ``subscriptions/listen`` of its own to each modern target, the shared
 session's notifications for the others), stamped with the listen request's id, until the client goes
-(abrupt end) or the worker shuts down (the graceful final result).
+(abrupt end) or the worker shuts down (the graceful final result). The caller's visibility applies there
+too: a ``notifications/resources/updated`` for a resource the caller cannot see is dropped, while the
+acknowledgement still echoes every URI asked for, so a hidden resource looks like one that never
+changes. The list_changed notifications name no item and pass.
 
 Answers follow the 2026-07-28 wire: every result carries ``resultType``, cacheable results
 ``ttlMs``/``cacheScope`` (0 and private unless the target said otherwise for a routed call), and a
@@ -54,6 +57,7 @@ from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
 from dataplane.mcp.channel import JSON, TargetChannel, TargetClosed, TargetUnavailable
 from dataplane.mcp.federation import (
     DEFAULT_SUPPORTED_VERSIONS,
+    REQUEST_TIMEOUT,
     Action,
     FederationConfig,
     Kind,
@@ -524,6 +528,8 @@ class _ListenStream:
     uris: frozenset[str]
     send: MemoryObjectSendStream[JSON]
     lost: bool = False
+    # The caller's: an update naming a resource it cannot see is dropped.
+    visibility: Visibility = allow_all
 
     def offer(self, config: FederationConfig, target: str, message: JSON) -> None:
         method = message.get("method")
@@ -531,7 +537,7 @@ class _ListenStream:
         params = dict(params) if isinstance(params, dict) else {}
         if method == "notifications/resources/updated":
             uri = params.get("uri")
-            if not isinstance(uri, str):
+            if not isinstance(uri, str) or not self.visibility(Kind.RESOURCE, target, uri):
                 return
             exposed = config.naming.expose_uri(target, uri)
             if not any(exposed == u or exposed.startswith(u) for u in self.uris):
@@ -662,7 +668,7 @@ class ModernEndpoint:
         param_headers = [(k, v) for k, v in headers if k.startswith(_PARAM_HEADER)]
         context = _Context(meta, capabilities, param_headers)
         if message.method == "subscriptions/listen":
-            await self._listen(backend, sink, message, context)
+            await self._listen(backend, sink, message, context, visibility)
             return
         bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
         await self._exchange(backend, sink, message, context, bound, visibility)
@@ -742,7 +748,7 @@ class ModernEndpoint:
                         if final:
                             await sink.end([])
                             return
-                failure = error_response(request_id, ErrorCode.INTERNAL_ERROR, "MCP request timed out")
+                failure = error_response(request_id, REQUEST_TIMEOUT, "Request timed out")
                 if streaming:
                     await sink.write(_event(failure))
                     await sink.end([])
@@ -757,7 +763,14 @@ class ModernEndpoint:
                 out_receive.close()
 
     # --- subscriptions/listen -------------------------------------------------------------------------------
-    async def _listen(self, backend: _Backend, sink: ResponseSink, message: Request, context: _Context) -> None:
+    async def _listen(
+        self,
+        backend: _Backend,
+        sink: ResponseSink,
+        message: Request,
+        context: _Context,
+        visibility: Visibility = allow_all,
+    ) -> None:
         params = message.params if isinstance(message.params, dict) else {}
         wanted = params.get("notifications")
         uris = wanted.get("resourceSubscriptions") if isinstance(wanted, dict) else None
@@ -771,7 +784,7 @@ class ModernEndpoint:
         if subscribed:
             honored["resourceSubscriptions"] = sorted(subscribed)
         send, receive = anyio.create_memory_object_stream[JSON](LISTEN_BUFFER)
-        stream = _ListenStream(message.id, flags, subscribed, send)
+        stream = _ListenStream(message.id, flags, subscribed, send, visibility=visibility)
         if self._closing:
             send.close()
         backend.listens.add(stream)

@@ -24,8 +24,15 @@ is cancelled. The instance part is random per ``FederatedSession`` object, so re
 worker: another worker (or this one after the session closed here) does not know the stream,
 although it resumes the session itself from the token.
 
-Deadlines: every request has one (the endpoint's bound); at the deadline the session answers it
-with a JSON-RPC error on its stream and cancels it upstream, whether or not a client is reading.
+Deadlines: every request has one (the endpoint's bound: the route's timeout, else the caller's
+policy requestTimeout, else the worker default); at the deadline the federation answers it with
+-32001 "Request timed out" on its stream and cancels it upstream, whether or not a client is
+reading. Upstream attempts (the caller's policy, ``submit(..., resilience)``): a request sent with a
+per-try timeout gets one loop timer, which asks the federation (``attempt_timed_out``) whether to
+cancel and retry or fail it; a send that got no response (``TargetUnavailable.failure``: connect
+failure, reset, 5xx) is offered to ``retry_attempt`` first, and a retry waits its backoff in a task of
+its own, then goes out only if its request is still pending. stdio channels never set a failure, so
+a crashed process is not retried mid-request (its restart is the channel's own business).
 """
 
 from __future__ import annotations
@@ -45,11 +52,19 @@ import anyio
 from anyio.abc import TaskGroup
 
 from dataplane.config.model import McpStdioTarget, McpStreamableHttpTarget, UpstreamCluster
+from dataplane.config.policy import ResilienceSettings
 from dataplane.http.stream import Wakeup
 from dataplane.mcp.channel import JSON, TargetChannel, TargetClosed, TargetUnavailable
-from dataplane.mcp.federation import Action, FederationConfig, McpFederation, SendToClient
+from dataplane.mcp.federation import (
+    REQUEST_TIMEOUT,
+    Action,
+    FederationConfig,
+    McpFederation,
+    SendToClient,
+    SendToTarget,
+)
 from dataplane.mcp.http_channel import SESSION_EXPIRED, StreamableHttpChannel
-from dataplane.mcp.jsonrpc import ErrorCode, RequestId, encode, error_response
+from dataplane.mcp.jsonrpc import RequestId, encode, error_response
 from dataplane.mcp.modern_channel import ModernTargetChannel, is_modern_only
 from dataplane.mcp.session import SessionClaims, SessionKeyring, SessionRejected, SessionTokenCodec
 from dataplane.mcp.sse_channel import LegacySseChannel
@@ -302,6 +317,8 @@ class FederatedSession:
     # Builds the 2026-07-28 channel for a target found to speak only that era (see _modern_only_swap).
     to_modern: Callable[[str], TargetChannel] | None = None
     _initializing: dict[str, JSON] = field(default_factory=dict)  # initialize sent per target, until answered
+    # Per-try timers of upstream attempts, cancelled when the session closes.
+    _try_timers: set[asyncio.TimerHandle] = field(default_factory=set)
 
     # --- life cycle ---------------------------------------------------------------------------
     async def start(self, handshake: tuple[str, ...] = ()) -> None:
@@ -431,6 +448,9 @@ class FederatedSession:
         self._closing = True
         if self.on_closed is not None:
             self.on_closed(self)
+        for timer in self._try_timers:
+            timer.cancel()
+        self._try_timers.clear()
         for stream in (*self._requests, *self._streams.values()):
             stream.close()
         if self._funnel is not None:
@@ -456,7 +476,8 @@ class FederatedSession:
 
     def open_request(self, request_id: RequestId, progress_token: Any, timeout: float) -> EventStream:
         """Register a client request before submitting it; its messages go to the returned stream, and
-        ``timeout`` seconds from now the session answers it with an error. RequestIdInUse if pending."""
+        ``timeout`` seconds from now the session answers it with -32001 (progress notifications do not
+        push that back: see federation.py). RequestIdInUse if pending."""
         for pending in self._requests:
             if pending.request_id == request_id:
                 raise RequestIdInUse(f"request id {request_id!r} is already in use")
@@ -562,12 +583,13 @@ class FederatedSession:
         self.last_used = time.monotonic()
 
     def _expire(self, stream: EventStream) -> None:
-        """A request reached its deadline: answer it with an error and cancel it upstream."""
-        self._requests.remove(stream)
-        self._settled()
-        failure = error_response(stream.request_id, ErrorCode.INTERNAL_ERROR, "MCP request timed out")
-        self._deliver(stream, failure)
-        self._cancel_upstream(stream.request_id, "the request timed out")
+        """A request reached its deadline: the federation answers it (-32001) and cancels it upstream."""
+        assert stream.request_id is not None
+        self._act(self.federation.expire(stream.request_id))
+        if stream in self._requests:  # the federation held nothing for it: answer here all the same
+            self._requests.remove(stream)
+            self._settled()
+            self._deliver(stream, error_response(stream.request_id, REQUEST_TIMEOUT, "Request timed out"))
 
     def _cancel_upstream(self, request_id: RequestId | None, reason: str) -> None:
         """Tell the federation the client stopped waiting, so it cancels upstream and drops a late answer."""
@@ -578,12 +600,13 @@ class FederatedSession:
             )
         )
 
-    async def submit(self, message: JSON) -> None:
-        """Hand one client message to the federation and carry out what it decides."""
+    async def submit(self, message: JSON, resilience: ResilienceSettings | None = None) -> None:
+        """Hand one client message to the federation and carry out what it decides; ``resilience`` is
+        the caller's policy for a request (per-try timeout and retries of its upstream attempts)."""
         self.last_used = time.monotonic()
         if message.get("method") == "notifications/cancelled":
             self._client_cancelled(message.get("params"))
-        self._act(self.federation.receive_from_client(message))
+        self._act(self.federation.receive_from_client(message, resilience))
 
     def _client_cancelled(self, params: Any) -> None:
         """The client cancelled a request: end its stream with no response, which the spec says a
@@ -633,6 +656,13 @@ class FederatedSession:
         try:
             await channel.send(message)
         except (TargetUnavailable, TargetClosed) as exc:
+            up_id = message.get("id")
+            if isinstance(exc, TargetUnavailable) and exc.failure is not None and type(up_id) is int:
+                retry = self.federation.retry_attempt(name, up_id, exc.failure)
+                if retry is not None:
+                    log.info("mcp_target_retry", backend=self.cluster.name, target=name, error=str(exc))
+                    self._act([retry])
+                    return
             log.warning("mcp_target_failed", backend=self.cluster.name, target=name, error=str(exc))
             self._act(self.federation.target_failed(name, str(exc) or f"MCP target {name!r} failed"))
             if isinstance(exc, TargetClosed):
@@ -650,12 +680,43 @@ class FederatedSession:
             if type(action) is SendToClient:
                 self._to_client(action.message)
             elif self._tasks is not None and not self._closing:
+                assert type(action) is SendToTarget
+                if action.try_timeout is not None:
+                    self._time_attempt(action)
+                if action.delay > 0:
+                    self._tasks.start_soon(self._send_later, action)
+                    continue
                 # Each target's sender task sends in turn, so a slow target never holds up the others.
                 outbox = self._outboxes.get(action.target)
                 if outbox is not None:
                     outbox.put(action.message)
                 else:  # not a target of this session: _send reports it to the federation
                     self._tasks.start_soon(self._send, action.target, action.message)
+
+    def _time_attempt(self, action: SendToTarget) -> None:
+        """Start the per-try timer of a request (its backoff included: the try starts once it is sent)."""
+        up_id = action.message.get("id")
+        if type(up_id) is not int or self._loop is None or action.try_timeout is None:
+            return
+        timers = self._try_timers
+
+        def expired() -> None:
+            timers.discard(handle)
+            if not self._closing:
+                self._act(self.federation.attempt_timed_out(action.target, up_id))
+
+        handle = self._loop.call_later(action.delay + action.try_timeout, expired)
+        timers.add(handle)
+
+    async def _send_later(self, action: SendToTarget) -> None:
+        """A retry after its backoff, unless its request was answered, cancelled or expired meanwhile."""
+        await anyio.sleep(action.delay)
+        up_id = action.message.get("id")
+        if self._closing or type(up_id) is not int or not self.federation.is_pending(action.target, up_id):
+            return
+        outbox = self._outboxes.get(action.target)
+        if outbox is not None:
+            outbox.put(action.message)
 
     def _to_client(self, message: JSON) -> None:
         if "method" not in message:

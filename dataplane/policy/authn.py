@@ -10,7 +10,9 @@ request headers and returns one outcome:
 - a `Refusal`: status 401 with a ``WWW-Authenticate`` challenge (RFC 6750 ``error="invalid_token"``
   and ``error_description``, ``realm``, and for MCP routes RFC 9728 ``resource_metadata``), and a
   stable reason label for logs and metrics. `Authenticator.forbidden` makes the 403
-  (``insufficient_scope``) that authorization returns with the same challenge parameters.
+  (``insufficient_scope``) that authorization returns with the same challenge parameters. A
+  service-account token whose TokenReview cannot be had (control plane or Kubernetes API down, or too
+  slow) is a 503 without a challenge: the token may be good, so asking for another would mislead.
 
 Then `strip_and_set_headers` prepares the upstream request: client-sent copies of the identity
 headers are always removed (a caller cannot claim ``x-agent-identity`` itself), identity headers are
@@ -19,6 +21,8 @@ through. A backend may then inject its own credential (`BackendCredential`).
 
 `authenticate` is async only because a password check (scrypt, tens of milliseconds) must leave the
 event loop, and a TokenReview (jwt.TokenReviewer) is a network call; a JWT or API key never suspends.
+Bearer tokens whose ``iss`` (unverified, only to choose) is a TokenReview provider's issuer go to
+`token_review.ReviewedIssuer`; all others to the JWT verifier or the API keys.
 """
 
 from __future__ import annotations
@@ -39,7 +43,16 @@ from dataplane.policy.credentials import (
     parse_basic,
 )
 from dataplane.policy.identity import Identity
-from dataplane.policy.jwt import DEFAULT_MAX_TOKEN_BYTES, JwksRefreshGate, JwtProviderSpec, JwtVerifier
+from dataplane.policy.jwt import (
+    DEFAULT_MAX_TOKEN_BYTES,
+    ISSUER_UNKNOWN,
+    MALFORMED,
+    JwksRefreshGate,
+    JwtProviderSpec,
+    JwtVerifier,
+    TokenReviewer,
+)
+from dataplane.policy.token_review import ReviewedIssuer, TokenReviewSpec, TokenReviewUnavailable, unverified_claims
 from shared.logging import get_logger
 
 log = get_logger("dataplane.policy.authn")
@@ -70,10 +83,12 @@ class AuthnSpec:
     permissive (none or bad -> anonymous, the bad one logged). ``resource_metadata_url`` is set on MCP
     routes (the URL `protected_resource.compile_protected_resource` serves). ``pass_through_credentials``
     forwards the caller's Authorization (or API-key header) upstream; by default it is removed.
+    ``token_review``: service-account tokens of that issuer are validated by the Kubernetes API.
     """
 
     mode: Mode = "strict"
     jwt_providers: tuple[JwtProviderSpec, ...] = ()
+    token_review: TokenReviewSpec | None = None
     api_keys: ApiKeySpec | None = None
     basic: BasicAuthSpec | None = None
     realm: str = "agentgate"
@@ -100,6 +115,8 @@ class Refusal:
     description: str = ""
 
     def headers(self) -> Headers:
+        if not self.www_authenticate:
+            return []
         return [(b"www-authenticate", self.www_authenticate.encode("latin-1"))]
 
 
@@ -109,6 +126,9 @@ NO_CREDENTIAL = Anonymous()
 _MULTIPLE = Rejection("credential_ambiguous", "More than one credential was presented")
 _TOO_LARGE = Rejection("credential_too_large", "The credential is too large")
 _EMPTY = Rejection("credential_malformed", "The credential is empty")
+_REVIEW_UNAVAILABLE = Refusal(
+    503, "", "token_review_unavailable", "Service-account tokens cannot be checked right now; retry later"
+)
 
 # Names a config may not claim as identity headers: the proxy or HTTP itself owns them.
 _RESERVED_HEADERS = frozenset(
@@ -230,10 +250,17 @@ class Authenticator:
         "_passwords",
         "_primary_scheme",
         "_realm_params",
+        "_review",
         "_strip",
     )
 
-    def __init__(self, spec: AuthnSpec, *, refresh_gate: JwksRefreshGate | None = None) -> None:
+    def __init__(
+        self,
+        spec: AuthnSpec,
+        *,
+        refresh_gate: JwksRefreshGate | None = None,
+        token_reviewer: TokenReviewer | None = None,
+    ) -> None:
         if spec.mode not in MODES:
             raise AuthnConfigError("mode", f"must be one of {', '.join(MODES)}")
         if not spec.realm or not _quoted_safe(spec.realm):
@@ -243,8 +270,10 @@ class Authenticator:
         url = spec.resource_metadata_url
         if url is not None and (not url.startswith(("https://", "http://")) or not _quoted_safe(url)):
             raise AuthnConfigError("resource_metadata_url", "must be an absolute http(s) URL")
-        if not spec.jwt_providers and spec.api_keys is None and spec.basic is None:
-            raise AuthnConfigError("jwt_providers", "configure at least one of jwt_providers, api_keys, basic")
+        if not spec.jwt_providers and spec.token_review is None and spec.api_keys is None and spec.basic is None:
+            raise AuthnConfigError(
+                "jwt_providers", "configure at least one of jwt_providers, token_review, api_keys, basic"
+            )
         self._mode = spec.mode
         self._max_bytes = spec.max_credential_bytes
         self._jwt = (
@@ -252,6 +281,11 @@ class Authenticator:
             if spec.jwt_providers
             else None
         )
+        self._review = (
+            ReviewedIssuer(spec.token_review, token_reviewer) if spec.token_review is not None else None
+        )
+        if self._review is not None and any(p.issuer == self._review.issuer for p in spec.jwt_providers):
+            raise AuthnConfigError("token_review.issuer", "also the issuer of a JWT provider")
         self._api_keys = ApiKeyTable(spec.api_keys) if spec.api_keys is not None else None
         api_header = spec.api_keys.header.lower() if spec.api_keys is not None else ""
         if spec.api_keys is not None and (
@@ -274,15 +308,14 @@ class Authenticator:
         self._basic_challenge = f'Basic realm="{spec.realm}", charset="UTF-8"'
         self._api_key_challenge = f'ApiKey realm="{spec.realm}", header="{api_header}"'
         challenges = []
-        if self._jwt is not None or self._bearer_api_keys:
+        bearer = self._jwt is not None or self._review is not None or self._bearer_api_keys
+        if bearer:
             challenges.append(f"Bearer {params}")
         if self._passwords is not None:
             challenges.append(self._basic_challenge)
         if self._api_header is not None:
             challenges.append(self._api_key_challenge)
-        self._primary_scheme = (
-            "Bearer" if self._jwt is not None or self._bearer_api_keys else "Basic" if self._passwords else "ApiKey"
-        )
+        self._primary_scheme = "Bearer" if bearer else "Basic" if self._passwords else "ApiKey"
         # RFC 9110 11.6.1: one field may list several challenges.
         self._challenge = ", ".join(challenges)
 
@@ -306,7 +339,7 @@ class Authenticator:
         self._identity_headers = tuple(headers)
         strip = set(names)
         if not spec.pass_through_credentials:
-            if self._jwt is not None or self._passwords is not None or self._bearer_api_keys:
+            if bearer or self._passwords is not None:
                 strip.add(b"authorization")
             if self._api_header is not None:
                 strip.add(self._api_header)
@@ -334,9 +367,14 @@ class Authenticator:
             scheme, _, credential = authorization.partition(b" ")
             scheme = scheme.lower()
             credential = credential.strip()
-            if scheme == b"bearer" and (self._jwt is not None or self._bearer_api_keys):
+            review = self._review
+            if scheme == b"bearer" and (self._jwt is not None or review is not None or self._bearer_api_keys):
                 if api_key is not None:
                     return self._refuse(_MULTIPLE, "invalid_request")
+                if review is not None and len(credential) <= self._max_bytes:
+                    claims = unverified_claims(credential)
+                    if claims is not None and review.owns(claims):
+                        return await self._reviewed(review, credential, claims)
                 return self._bearer(credential)
             if scheme == b"basic" and self._passwords is not None:
                 if api_key is not None:
@@ -356,8 +394,20 @@ class Authenticator:
             return self._refuse(_EMPTY)
         if self._jwt is not None and (not self._bearer_api_keys or token.count(b".") == 2):
             result = self._jwt.verify(token)
-        else:
+        elif self._bearer_api_keys:
             return self._api_key(token, bearer=True)
+        else:  # only TokenReview, and the token is not of its issuer
+            result = ISSUER_UNKNOWN if token.count(b".") == 2 else MALFORMED
+        return result if isinstance(result, Identity) else self._refuse(result)
+
+    async def _reviewed(self, review: ReviewedIssuer, token: bytes, claims: dict[str, Any]) -> AuthnOutcome:
+        try:
+            result = await review.review(token, claims)
+        except TokenReviewUnavailable as exc:
+            log.warning("service-account token not reviewed", error=str(exc), mode=self._mode)
+            if self._mode == "permissive":
+                return Anonymous(_REVIEW_UNAVAILABLE.reason)
+            return _REVIEW_UNAVAILABLE
         return result if isinstance(result, Identity) else self._refuse(result)
 
     def _api_key(self, key: bytes, *, bearer: bool) -> AuthnOutcome:
@@ -426,13 +476,19 @@ class Authenticator:
         return self._mode
 
 
-def compile_authn(spec: AuthnSpec, *, refresh_gate: JwksRefreshGate | None = None) -> Authenticator:
+def compile_authn(
+    spec: AuthnSpec,
+    *,
+    refresh_gate: JwksRefreshGate | None = None,
+    token_reviewer: TokenReviewer | None = None,
+) -> Authenticator:
     """Compile once per snapshot. Raises `AuthnConfigError(field, message)` for any invalid setting.
 
-    ``refresh_gate`` should be one long-lived object per worker: it throttles the "unknown kid"
-    refresh requests across recompiles.
+    ``refresh_gate`` and ``token_reviewer`` should be long-lived objects, one per worker: the gate
+    throttles "unknown kid" refresh requests and the reviewer caches reviews across recompiles. A
+    spec with ``token_review`` needs a reviewer.
     """
-    return Authenticator(spec, refresh_gate=refresh_gate)
+    return Authenticator(spec, refresh_gate=refresh_gate, token_reviewer=token_reviewer)
 
 
 __all__ = [

@@ -10,6 +10,14 @@ Every failure is a deny, never an error response: a rule whose evaluation fails 
 counts as holding for deny, as not holding for require and allow (fail closed), and is logged with its field.
 A ``Decision`` names the rule that decided (policy, list and index) for audit logs.
 
+Argument rules: a rule that can observe ``mcp.tool.arguments`` (found when it is compiled, ``argument_rules``)
+cannot be decided before a ``tools/call`` brings its arguments. ``decide_without_arguments`` decides for a list,
+with ``mcp.tool.arguments`` absent from the variables: CEL's ``&&`` and ``||`` absorb an error when the other
+operand settles the result, so an argument rule that still evaluates (``mcp.tool.name == 'echo' && ...`` for
+another tool) counts as usual, and one that fails could go either way with some arguments: it neither denies
+(deny, require) nor is needed (an allow that fails counts as "may hold"). So an item is hidden only when the
+rules deny it whatever the arguments, and the call path decides the rest with ``decide`` on the real arguments.
+
 Variables (all always present, so ``has()`` and comparisons behave the same whatever the request is; an absent
 part is an empty map or string):
 
@@ -31,7 +39,7 @@ import enum
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Final
 
 import cel as _cel
 
@@ -44,6 +52,8 @@ if TYPE_CHECKING:  # only read here, never constructed
 log = get_logger("dataplane.policy.authorize")
 
 Activation = Mapping[str, Any]  # variable name -> plain Python value (maps, lists, strings, numbers, bools)
+# The part of the variables only a tools/call carries: rules reading it are "argument rules".
+MCP_TOOL_ARGUMENTS: Final = ("mcp", "tool", "arguments")
 
 
 class RuleKind(enum.Enum):
@@ -91,7 +101,7 @@ _NO_ALLOW = "no allow rule held"
 class RuleSet:
     """Compiled allow/deny/require rules, shared by every request; see the module docstring for semantics."""
 
-    __slots__ = ("_allow", "_deny", "_require", "rules", "usage")
+    __slots__ = ("_allow", "_deny", "_require", "argument_rules", "rules", "usage")
 
     def __init__(self, rules: Iterable[Rule] = ()) -> None:
         self.rules: tuple[Rule, ...] = tuple(rules)
@@ -99,6 +109,10 @@ class RuleSet:
         self._require = tuple(r for r in self.rules if r.kind is RuleKind.REQUIRE)
         self._allow = tuple(r for r in self.rules if r.kind is RuleKind.ALLOW)
         self.usage = Usage.of(r.expression for r in self.rules)
+        # Rules a list cannot decide: they read a tools/call's arguments (see the module docstring).
+        self.argument_rules: frozenset[Rule] = frozenset(
+            r for r in self.rules if r.expression.observes(MCP_TOOL_ARGUMENTS)
+        )
 
     @classmethod
     def compile(
@@ -186,6 +200,59 @@ class RuleSet:
             if holds is None:
                 failed.append(rule.expression.field)
         return Decision(False, _NO_ALLOW, None, tuple(failed))
+
+    def decide_without_arguments(self, context: _cel.Context) -> Decision:
+        """The decision while ``mcp.tool.arguments`` is unknown (absent from ``context``): an argument rule
+        whose value depends on them does not decide (see the module docstring); the others as in
+        ``decide_with``. Without argument rules this is ``decide_with``."""
+        unknown = self.argument_rules
+        if not unknown:
+            return self.decide_with(context)
+        for rule in self._deny:
+            holds = _settled(rule, context) if rule in unknown else rule.expression.holds(context)
+            if holds is None:
+                return Decision(False, "deny rule failed to evaluate", rule, (rule.expression.field,))
+            if holds is True:
+                return Decision(False, "deny rule held", rule)
+        for rule in self._require:
+            holds = _settled(rule, context) if rule in unknown else rule.expression.holds(context)
+            if holds is None:
+                return Decision(False, "require rule failed to evaluate", rule, (rule.expression.field,))
+            if holds is False:
+                return Decision(False, "require rule did not hold", rule)
+        if not self._allow:
+            return Decision(True, "no allow rules")
+        failed: list[str] = []
+        maybe: Rule | None = None
+        for rule in self._allow:
+            holds = _settled(rule, context) if rule in unknown else rule.expression.holds(context)
+            if holds is True:
+                return Decision(True, "allow rule held", rule, tuple(failed))
+            if holds is _UNSETTLED:
+                maybe = maybe or rule
+            elif holds is None:
+                failed.append(rule.expression.field)
+        if maybe is not None:
+            return Decision(True, "allow rule may hold with the call's arguments", maybe, tuple(failed))
+        return Decision(False, _NO_ALLOW, None, tuple(failed))
+
+
+# What an argument rule evaluates to while the arguments are unknown and its value depends on them.
+_UNSETTLED: Final = object()
+
+
+def _settled(rule: Rule, context: _cel.Context) -> object:
+    """True or False when the rule's value does not depend on the missing arguments; ``_UNSETTLED`` when
+    evaluating it failed (some arguments could settle it); None for a non-bool value (a broken rule,
+    logged). Failures are expected here, so they are not logged."""
+    try:
+        value = rule.expression.evaluate(context)
+    except CelEvaluationError:
+        return _UNSETTLED
+    if value is True or value is False:
+        return value
+    rule.expression.failed(f"result is {type(value).__name__}, not bool")
+    return None
 
 
 # Variables ------------------------------------------------------------------------------------------------
@@ -334,6 +401,7 @@ __all__ = [
     "EMPTY_MCP",
     "EMPTY_REQUEST",
     "EMPTY_SOURCE",
+    "MCP_TOOL_ARGUMENTS",
     "Activation",
     "Decision",
     "Rule",

@@ -20,7 +20,7 @@ a non-bool result (logged, with the field), and the caller decides what None mea
 from __future__ import annotations
 
 import re
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -310,6 +310,16 @@ class Expression:
 
     def __repr__(self) -> str:
         return f"Expression({self.field}: {self.source!r})"
+
+    def observes(self, path: Sequence[str]) -> bool:
+        """Whether the value at ``path`` (``("mcp", "tool", "arguments")``) can change this expression's
+        result: it reads that part, something inside it, or a map holding it whole. Config-time only."""
+        node = self.reads.get(path[0]) if path else None
+        for key in path[1:]:
+            if node is None or node.whole:
+                break
+            node = node.keys.get(key)
+        return node is not None
 
     def evaluate(self, context: _cel.Context) -> Any:
         """The expression's value; raises ``CelEvaluationError``."""

@@ -55,11 +55,12 @@ from dataplane.config.policy import (
     RateLimitSettings,
     RateLimitsSection,
     RedisStoreSettings,
+    ResilienceSettings,
     TokenBudgetSettings,
     TokenBudgetsSection,
 )
 from dataplane.http.messages import Headers, ProxyRequest
-from dataplane.mcp.endpoint import CallRefusal
+from dataplane.mcp.endpoint import POLICY_DENIED, CallRefusal
 from dataplane.mcp.federation import Kind, McpFederation, Visibility, allow_all
 from dataplane.policy.authn import (
     Authenticator,
@@ -85,7 +86,7 @@ from dataplane.policy.budget import BudgetSpec, TokenBudget, compile_budget
 from dataplane.policy.cel import CelEvaluationError, Expression, Usage
 from dataplane.policy.credentials import ApiKeyEntry, ApiKeySpec, AuthnConfigError, BasicAuthSpec, BasicUser
 from dataplane.policy.identity import Identity
-from dataplane.policy.jwt import ALLOWED_ALGORITHMS, JwksRefreshGate, JwtProviderSpec
+from dataplane.policy.jwt import ALLOWED_ALGORITHMS, JwksRefreshGate, JwtProviderSpec, TokenReviewer
 from dataplane.policy.mcp_visibility import McpVisibility
 from dataplane.policy.protected_resource import well_known_path
 from dataplane.policy.ratelimit import (
@@ -101,6 +102,7 @@ from dataplane.policy.ratelimit import (
     tightest,
 )
 from dataplane.policy.redis_limit import RedisClient, RedisSettings
+from dataplane.policy.token_review import TokenReviewSpec
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.logging import get_logger
 from shared.resources import LISTENER, POLICY, ROUTE
@@ -117,6 +119,8 @@ _EMPTY_PROTOCOL: Final[Mapping[str, Mapping[str, Any]]] = MappingProxyType(
 _NO_HEADERS: Headers = []
 RedisKey = tuple[str, str | None, str | None]  # url, username, password
 _ALLOWED = Decision(True, "no deferred rules")
+# What a tools/call refused for its arguments is told (the rule that decided is in the log, never sent).
+_POLICY_DENIED_MESSAGE: Final = "Forbidden: policy denied this tool call with these arguments"
 _JSON = (b"content-type", b"application/json")
 _DOCUMENT_CACHE = (b"cache-control", b"public, max-age=300")
 # Public metadata that browser-based MCP clients fetch cross-origin.
@@ -177,11 +181,21 @@ class Admitted:
             log.info("request denied", **decision.audit(), principal=_principal(self.identity))
         return decision
 
+    @property
+    def wants_usage(self) -> bool:
+        """Some ``tokens`` limit or token budget admitted this request: its response's usage is to be
+        read and charged (`charge`). False costs the response path nothing."""
+        return self._charges is not None
+
     async def charge(self, tokens: int) -> None:
         """Charge the real token usage (after the response) to every ``tokens`` limit and token budget
-        that admitted this request, under the keys computed when it was admitted."""
+        that admitted this request, under the keys computed when it was admitted. One that fails is
+        logged and the others are still charged (store outages are the limits' own fallback)."""
         for limit, key in self._charges or ():
-            await limit.charge(key, tokens)
+            try:
+                await limit.charge(key, tokens)
+            except Exception as exc:
+                log.warning("token usage not charged", limit=limit.spec.name, tokens=tokens, error=repr(exc))
 
 
 @dataclass(frozen=True, slots=True)
@@ -223,32 +237,56 @@ class _KeyedLimit:
 
 
 class McpPolicy:
-    """What an MCP backend's handler enforces per message: the rules deciding item visibility and the
-    limits keyed on ``mcp``. Shared by every request of one effective policy."""
+    """What an MCP backend's handler enforces per message: the rules deciding item visibility, the
+    limits keyed on ``mcp``, and the resilience section (timeouts and retries of each JSON-RPC request,
+    which the MCP session applies itself). Shared by every request of one effective policy."""
 
-    __slots__ = ("limits", "rules", "usage", "visibilities")
+    __slots__ = ("limits", "resilience", "rules", "usage", "visibilities")
 
-    def __init__(self, rules: RuleSet | None, limits: tuple[_KeyedLimit, ...]) -> None:
+    def __init__(
+        self, rules: RuleSet | None, limits: tuple[_KeyedLimit, ...], resilience: ResilienceSettings | None = None
+    ) -> None:
         self.rules = rules
         self.limits = limits
+        self.resilience = resilience
         self.usage = Usage.of(limit.expression for limit in limits if limit.expression is not None)
         # A session's visibility, kept while its federation lives, so each request only updates it.
         self.visibilities: weakref.WeakKeyDictionary[McpFederation, McpVisibility] = weakref.WeakKeyDictionary()
 
 
-def _audit(kind: Kind, target: str, name: str, decision: Decision) -> None:
-    if not decision.allowed:
+def _audit(kind: Kind, target: str, name: str, decision: Decision, /, *, call: bool = False) -> None:
+    if call:  # a tools/call decided on its arguments: refusals are worth an info line, like an HTTP 403
+        if not decision.allowed:
+            log.info("mcp call denied", target=target, tool=name, **decision.audit())
+        else:
+            log.debug("mcp call allowed", target=target, tool=name, **decision.audit())
+    elif not decision.allowed:
         log.debug("mcp item hidden", kind=kind.value, target=target, name=name, **decision.audit())
 
 
 class McpCaller:
-    """The caller's MCP policy for one HTTP request (implements ``dataplane.mcp.endpoint.CallerPolicy``)."""
+    """The caller's MCP policy for one HTTP request (implements ``dataplane.mcp.endpoint.CallerPolicy``).
 
-    __slots__ = ("_activation", "_policy")
+    ``http_limit``: the tightest HTTP-level limit decision that admitted the request, if any; the
+    ``response_headers`` of an admitted item use report the tightest of it and the item limits.
+    """
 
-    def __init__(self, policy: McpPolicy, activation: Mapping[str, Any]) -> None:
+    __slots__ = ("_activation", "_http_limit", "_policy", "_visibility", "response_headers")
+
+    def __init__(
+        self, policy: McpPolicy, activation: Mapping[str, Any], http_limit: LimitDecision | None = None
+    ) -> None:
         self._policy = policy
         self._activation = activation
+        self._http_limit = http_limit
+        # The rules' view for this request: the session's (attach) or this request's own (visibility).
+        self._visibility: McpVisibility | None = None
+        self.response_headers: Headers = _NO_HEADERS
+
+    @property
+    def resilience(self) -> ResilienceSettings | None:
+        """The policy's timeouts and retries for this caller's MCP requests (None: the defaults)."""
+        return self._policy.resilience
 
     def attach(self, federation: McpFederation) -> None:
         """Decide a session's visibility with this request's variables (each request may differ)."""
@@ -265,14 +303,28 @@ class McpCaller:
             federation.visibility = visibility
         else:
             visibility.update(self._activation)
+        self._visibility = visibility
 
     def visibility(self) -> Visibility:
         """A visibility for a federation that lives as long as this request (2026-07-28)."""
         rules = self._policy.rules
-        return allow_all if rules is None else McpVisibility(rules, self._activation, audit=_audit)
+        return allow_all if rules is None else self._view(rules)
+
+    def _view(self, rules: RuleSet) -> McpVisibility:
+        visibility = self._visibility
+        if visibility is None:
+            visibility = self._visibility = McpVisibility(rules, self._activation, audit=_audit)
+        return visibility
 
     async def admit(self, method: str, target: str, name: str, arguments: Any) -> CallRefusal | None:
-        """Count one MCP request against the limits keyed on ``mcp``; a refusal to answer with, or None."""
+        """Decide a ``tools/call`` on its arguments (rules reading ``mcp.tool.arguments``; a hidden tool is
+        left to the federation), then count one MCP request against the limits keyed on ``mcp``; a refusal
+        to answer with, or None (then ``response_headers`` are the limit headers for its answer)."""
+        rules = self._policy.rules
+        if method == "tools/call" and rules is not None and rules.argument_rules:
+            decision = self._view(rules).call_decision(target, name, arguments)
+            if decision is not None and not decision.allowed:
+                return CallRefusal(200, _POLICY_DENIED_MESSAGE, [], 0.0, POLICY_DENIED)
         limits = self._policy.limits
         if not limits or method not in MCP_ITEM_METHODS:
             return None
@@ -291,6 +343,8 @@ class McpCaller:
         decisions = [await limit.limiter.check(limit.key(context)) for limit in limits]
         worst = tightest(decisions)
         if worst is None or worst.allowed:
+            counted = tightest([*decisions, self._http_limit] if self._http_limit is not None else decisions)
+            self.response_headers = response_headers(counted) if counted is not None else _NO_HEADERS
             return None
         return CallRefusal(refusal_status(worst), _limit_message(worst), response_headers(worst), worst.retry_after)
 
@@ -392,6 +446,7 @@ class RequestPolicy:
         budget_keys = [budget.key(context) for budget in self.budgets] if self.budgets else ()
         extra = _NO_HEADERS
         charges: list[tuple[RateLimiter | TokenBudget, str]] | None = None
+        http_limit: LimitDecision | None = None
         if self.limits:
             decisions: list[LimitDecision] = []
             for limit, key in zip(self.limits, limit_keys, strict=True):
@@ -399,7 +454,7 @@ class RequestPolicy:
                 if limit.tokens:
                     charges = charges or []
                     charges.append((limit.limiter, key))
-            worst = tightest(decisions)
+            worst = http_limit = tightest(decisions)
             if worst is not None:
                 extra = response_headers(worst)
                 if not worst.allowed:
@@ -414,7 +469,7 @@ class RequestPolicy:
                 return Refused(refusal_status(spent), message, retry, "budget_exhausted")
             charges = charges or []
             charges.append((budget.limiter, key))
-        caller = McpCaller(self.mcp, activation) if self.mcp is not None else None
+        caller = McpCaller(self.mcp, activation, http_limit) if self.mcp is not None else None
         return Admitted(identity, activation, headers, extra, caller, self.deferred, charges)
 
     def _bind(self, activation: Mapping[str, Any], identity: Identity | None, address: bytes) -> _cel.Context | None:
@@ -480,7 +535,8 @@ def _principal(identity: Identity | None) -> str:
 
 def _unauthorized(refusal: Refusal) -> Refused:
     reason = refusal.description or "a valid credential is required"
-    return Refused(refusal.status, f"Unauthorized: {reason}", refusal.headers(), refusal.reason)
+    title = "Service Unavailable" if refusal.status == 503 else "Unauthorized"  # 503: TokenReview unreachable
+    return Refused(refusal.status, f"{title}: {reason}", refusal.headers(), refusal.reason)
 
 
 def _limit_message(decision: LimitDecision) -> str:
@@ -631,6 +687,8 @@ class WorkerPolicies:
     provider whose keys were never fetched) calls it, at most once per URL per 30 s per worker; the
     control plane then refetches that JWKS and ships the keys in the next snapshot.
     ``redis_options`` override `RedisSettings` fields (timeouts) for every client.
+    ``token_reviewer`` reviews service-account tokens of ``tokenReview`` providers (through the
+    control plane); without one such a policy cannot be compiled.
     """
 
     def __init__(
@@ -638,8 +696,10 @@ class WorkerPolicies:
         *,
         on_jwks_refresh: Callable[[str], None] | None = None,
         redis_options: Mapping[str, Any] | None = None,
+        token_reviewer: TokenReviewer | None = None,
     ) -> None:
         self.on_jwks_refresh = on_jwks_refresh
+        self.token_reviewer = token_reviewer
         self.refresh_gate = JwksRefreshGate(self._jwks_refresh)
         self._redis_options = dict(redis_options or {})
         self._authn = _Cache()
@@ -793,8 +853,8 @@ class WorkerPolicies:
         if kind == "mcp":
             item_limits = tuple(limit for limit in limits if _reads(limit, "mcp"))
             limits = tuple(limit for limit in limits if not _reads(limit, "mcp"))
-            if deferred is not None or item_limits:
-                mcp = McpPolicy(deferred, item_limits)
+            if deferred is not None or item_limits or sections.resilience is not None:
+                mcp = McpPolicy(deferred, item_limits, sections.resilience)
                 deferred = None
         return RequestPolicy(
             effective,
@@ -818,7 +878,9 @@ class WorkerPolicies:
 
     def _compile_authn(self, section: AuthenticationSettings) -> Authenticator | _Problem:
         try:
-            return compile_authn(authn_spec(section), refresh_gate=self.refresh_gate)
+            return compile_authn(
+                authn_spec(section), refresh_gate=self.refresh_gate, token_reviewer=self.token_reviewer
+            )
         except AuthnConfigError as exc:
             return _Problem(section.policy, f"authentication.{exc.field}", exc.message)
 
@@ -934,31 +996,33 @@ def _reads(limit: _KeyedLimit, variable: str) -> bool:
 def authn_spec(section: AuthenticationSettings) -> AuthnSpec:
     """The authenticator spec of an authentication section (raises AuthnConfigError)."""
     providers = []
+    token_review: TokenReviewSpec | None = None
     claims: dict[str, str] = {}
     for index, provider in enumerate(section.providers):
         if provider.token_review:
-            raise AuthnConfigError(
-                f"providers[{index}].token_review", "TokenReview is not available in this proxy yet; configure jwks"
+            if token_review is not None:
+                raise AuthnConfigError(f"providers[{index}].token_review", "only one provider may use TokenReview")
+            token_review = TokenReviewSpec(provider.name, provider.issuer, provider.audiences, provider.leeway_seconds)
+        else:
+            inline = provider.jwks_inline
+            if inline is None and provider.jwks_file is None:
+                inline = '{"keys":[]}'  # not fetched yet: every token asks for a refresh (jwks_url is set)
+            providers.append(
+                JwtProviderSpec(
+                    name=provider.name,
+                    issuer=provider.issuer,
+                    audiences=provider.audiences,
+                    jwks_inline=inline,
+                    jwks_file=provider.jwks_file,
+                    jwks_url=provider.jwks_url,
+                    algorithms=provider.algorithms or ALLOWED_ALGORITHMS,
+                    leeway_seconds=provider.leeway_seconds,  # type: ignore[arg-type]
+                    required_claims=provider.required_claims,
+                    require_expiry=provider.require_expiry,
+                    principal_claim=provider.principal_claim,
+                    kind=provider.kind,
+                )
             )
-        inline = provider.jwks_inline
-        if inline is None and provider.jwks_file is None:
-            inline = '{"keys":[]}'  # not fetched yet: every token asks for a refresh (jwks_url is set)
-        providers.append(
-            JwtProviderSpec(
-                name=provider.name,
-                issuer=provider.issuer,
-                audiences=provider.audiences,
-                jwks_inline=inline,
-                jwks_file=provider.jwks_file,
-                jwks_url=provider.jwks_url,
-                algorithms=provider.algorithms or ALLOWED_ALGORITHMS,
-                leeway_seconds=provider.leeway_seconds,  # type: ignore[arg-type]
-                required_claims=provider.required_claims,
-                require_expiry=provider.require_expiry,
-                principal_claim=provider.principal_claim,
-                kind=provider.kind,
-            )
-        )
         for mapping in provider.claims_to_headers:
             seen = claims.setdefault(mapping.header, mapping.claim)
             if seen != mapping.claim:
@@ -983,6 +1047,7 @@ def authn_spec(section: AuthenticationSettings) -> AuthnSpec:
     return AuthnSpec(
         mode=section.mode,
         jwt_providers=tuple(providers),
+        token_review=token_review,
         api_keys=api_keys,
         basic=basic,
         realm=realm,

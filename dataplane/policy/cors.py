@@ -10,11 +10,20 @@ upstream sent is dropped, so a permissive upstream cannot widen it.
 
 `CorsPolicy.compile` does all string work once per config; a request costs a header scan and,
 for browsers, one origin lookup.
+
+MCP routes (`CorsPolicy.for_mcp`): a browser MCP client sends headers no policy author should have to
+list, so on an MCP backend the policy's allowed request headers also include `MCP_REQUEST_HEADERS`
+(Content-Type, Authorization, Mcp-Session-Id, Mcp-Protocol-Version, Last-Event-ID, Mcp-Method, Mcp-Name)
+and any `Mcp-Param-*` (2026-07-28 parameter headers), and its exposed headers include
+`MCP_EXPOSED_HEADERS` (Mcp-Session-Id, which a client must read to continue its session; WWW-Authenticate,
+which starts OAuth discovery; Retry-After and x-ratelimit-*). Origins, methods and credentials stay the
+policy's own. The MCP backend's `allowedOrigins` check (DNS-rebinding protection) still applies to the
+actual requests, so a browser origin must be allowed by both.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Final
 
 from dataplane.config.policy import CorsSettings
@@ -34,6 +43,25 @@ _UPSTREAM_CORS_HEADERS: Final = frozenset(
     }
 )
 _VARY_ORIGIN: Final = (b"vary", b"origin")
+# What MCP routes allow and expose on top of a policy's own lists (see the module docstring).
+MCP_REQUEST_HEADERS: Final = (
+    "content-type",
+    "authorization",
+    "mcp-session-id",
+    "mcp-protocol-version",
+    "last-event-id",
+    "mcp-method",
+    "mcp-name",
+)
+MCP_REQUEST_HEADER_PREFIXES: Final = ("mcp-param-",)
+MCP_EXPOSED_HEADERS: Final = (
+    "mcp-session-id",
+    "www-authenticate",
+    "retry-after",
+    "x-ratelimit-limit",
+    "x-ratelimit-remaining",
+    "x-ratelimit-reset",
+)
 _NO_BODY: Final = (b"content-length", b"0")
 
 
@@ -82,6 +110,8 @@ class CorsPolicy:
     headers_value: bytes
     expose_value: bytes
     max_age_value: bytes | None
+    # Request headers allowed by prefix (MCP's parameter headers), besides `headers`.
+    header_prefixes: tuple[str, ...] = ()
 
     @classmethod
     def compile(cls, settings: CorsSettings) -> CorsPolicy:
@@ -98,6 +128,19 @@ class CorsPolicy:
             headers_value=", ".join(settings.allow_headers).encode("latin-1"),
             expose_value=", ".join(settings.expose_headers).encode("latin-1"),
             max_age_value=None if settings.max_age is None else b"%d" % int(settings.max_age),
+        )
+
+    def for_mcp(self) -> CorsPolicy:
+        """This policy on an MCP route: MCP's request headers allowed, its response headers exposed."""
+        allowed = tuple(dict.fromkeys([*sorted(self.headers), *MCP_REQUEST_HEADERS]))
+        exposed = [name.strip() for name in self.expose_value.decode("latin-1").split(",") if name.strip()]
+        exposed = list(dict.fromkeys([*exposed, *MCP_EXPOSED_HEADERS]))
+        return replace(
+            self,
+            headers=frozenset(allowed),
+            headers_value=self.headers_value if self.any_header else ", ".join(allowed).encode("latin-1"),
+            expose_value=", ".join(exposed).encode("latin-1"),
+            header_prefixes=MCP_REQUEST_HEADER_PREFIXES,
         )
 
     @property
@@ -130,10 +173,14 @@ class CorsPolicy:
             for name in value.decode("latin-1").split(",")
             if name.strip()
         ]
+        by_prefix: list[str] = []
         if not self.any_header:
             for name in requested:
-                if name not in self.headers:
+                if name in self.headers:
+                    continue
+                if not name.startswith(self.header_prefixes):
                     return PreflightAnswer(403, [], f"{where}: request header {name!r} is not allowed")
+                by_prefix.append(name)
         headers = self._allow_origin(origin)
         if self.any_method:
             # With credentials "*" is taken literally by browsers: name the method asked for.
@@ -142,6 +189,8 @@ class CorsPolicy:
             headers.append((b"access-control-allow-methods", self.methods_value))
         if requested:
             value = ", ".join(requested).encode("latin-1") if self.any_header else self.headers_value
+            if by_prefix:
+                value = b", ".join([part for part in (value, *(n.encode("latin-1") for n in by_prefix)) if part])
             headers.append((b"access-control-allow-headers", value))
         if self.max_age_value is not None:
             headers.append((b"access-control-max-age", self.max_age_value))
@@ -164,4 +213,12 @@ class CorsPolicy:
         return headers
 
 
-__all__ = ["SAFELISTED_METHODS", "CorsPolicy", "PreflightAnswer", "is_preflight"]
+__all__ = [
+    "MCP_EXPOSED_HEADERS",
+    "MCP_REQUEST_HEADERS",
+    "MCP_REQUEST_HEADER_PREFIXES",
+    "SAFELISTED_METHODS",
+    "CorsPolicy",
+    "PreflightAnswer",
+    "is_preflight",
+]

@@ -26,6 +26,8 @@ class ForwardPolicy:
 
     resilience: ResilienceSettings | None = None
     cors: CorsPolicy | None = None
+    # `cors` as MCP backends apply it (`CorsPolicy.for_mcp`): MCP's headers allowed and exposed.
+    mcp_cors: CorsPolicy | None = None
     # After the route's and backend's filters.
     request_headers: HeaderOps | None = None
     response_headers: HeaderOps | None = None
@@ -57,9 +59,11 @@ def compile_forward_policy(effective: EffectivePolicy) -> ForwardPolicy | None:
     credentials = sections.upstream_credentials
     request_headers = sections.request_headers
     response_headers = sections.response_headers
+    cors = CorsPolicy.compile(sections.cors) if sections.cors is not None else None
     compiled = ForwardPolicy(
         resilience=sections.resilience,
-        cors=CorsPolicy.compile(sections.cors) if sections.cors is not None else None,
+        cors=cors,
+        mcp_cors=cors.for_mcp() if cors is not None else None,
         request_headers=request_headers.ops if request_headers is not None else None,
         response_headers=response_headers.ops if response_headers is not None else None,
         credential=(

@@ -82,12 +82,13 @@ class JwtProviderSpec:
 class TokenReviewer(Protocol):
     """Validation by the Kubernetes API (TokenReview) instead of the cluster's OIDC keys.
 
-    An interface only: the Kubernetes issue implements it (the control plane holds the API
-    credentials; a data-plane worker would reach it through the control plane). Returns the
-    identity, or None when the API server says the token is not authenticated for ``audiences``.
+    The control plane holds the API credentials; a worker reaches it over gRPC
+    (`dataplane.policy.token_review.TokenReviewClient`). Returns the identity, or the `Rejection`
+    (401) when the API server says the token is not authenticated for ``audiences``; raises
+    `dataplane.policy.token_review.TokenReviewUnavailable` (503) when no answer can be had.
     """
 
-    async def review(self, token: str, audiences: tuple[str, ...]) -> Identity | None: ...
+    async def review(self, token: str, audiences: tuple[str, ...]) -> Identity | Rejection: ...
 
 
 class JwksRefreshGate:

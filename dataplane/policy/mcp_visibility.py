@@ -9,14 +9,22 @@ difference).
 What the rules see for an item: the conversation's ``jwt``, ``request``, ``source`` (fixed when the visibility
 is made, or by ``update``), and ``mcp`` with the item filled in and ``mcp.method`` set to the method that *uses*
 it (``tools/call``, ``prompts/get``, ``resources/read``), whichever message is being handled, so a list never
-shows what a call would refuse, nor hides what it would allow. The federation does not pass a call's
-arguments, so ``mcp.tool.arguments`` is always ``{}`` here; rules on arguments belong on the call path.
+shows what a call would refuse, nor hides what it would allow.
+
+Argument rules (those that can observe ``mcp.tool.arguments``; ``RuleSet.argument_rules``, found when the policy
+is compiled): a list has no arguments, so ``mcp.tool`` has no ``arguments`` key while visibility is decided, and
+an argument rule whose value depends on them decides nothing (``RuleSet.decide_without_arguments``): a tool is
+hidden only when the rules deny it whatever the arguments, and a rule that fails for want of arguments never
+hides it. The call path decides the rest: ``call_decision`` (from ``McpCaller.admit``, before the message
+reaches the federation) evaluates every rule with the call's real arguments. A hidden tool is left to the
+federation (it answers as for an unknown tool); a visible tool whose arguments the rules deny is refused with
+``POLICY_DENIED`` (``dataplane.mcp.endpoint``). Both kinds of decision go to ``audit``.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
-from typing import Any
+from collections.abc import Mapping
+from typing import Any, Protocol
 
 import cel as _cel
 
@@ -37,14 +45,21 @@ USE_METHOD: Mapping[Kind, str] = {
 # Decisions remembered per conversation; a client can ask for any number of made-up names.
 MAX_CACHED = 4096
 
-Audit = Callable[[Kind, str, str, Decision], None]
+
+class Audit(Protocol):
+    """Receives each decision: an item's visibility (``call`` False), or a ``tools/call``'s arguments (True)."""
+
+    def __call__(self, kind: Kind, target: str, name: str, decision: Decision, /, *, call: bool = False) -> None: ...
 
 
 def item_variables(kind: Kind, target: str, name: str) -> dict[str, Any]:
-    """``mcp`` for deciding whether ``name`` (upstream tool/prompt name, resource URI or template) is visible."""
+    """``mcp`` for deciding whether ``name`` (upstream tool/prompt name, resource URI or template) is visible;
+    a tool's ``arguments`` are unknown there, so the key is absent (see the module docstring)."""
     method = USE_METHOD[kind]
     if kind is Kind.TOOL:
-        return mcp_variables(method, tool=name, target=target)
+        variables = mcp_variables(method, tool=name, target=target)
+        variables["tool"] = {"name": name, "target": target}
+        return variables
     if kind is Kind.PROMPT:
         return mcp_variables(method, prompt=name, target=target)
     return mcp_variables(method, resource=name, target=target)
@@ -94,6 +109,30 @@ class McpVisibility:
             self._audit(kind, target, name, decision)
         return decision
 
+    def call_decision(self, target: str, name: str, arguments: Any) -> Decision | None:
+        """The decision on one ``tools/call`` of ``name`` on ``target`` with ``arguments``, when its arguments
+        matter: None when no rule reads them, or when the tool is hidden (the federation answers that call as
+        for an unknown tool, so nothing here may tell the two apart). Not cached: arguments differ per call."""
+        rules = self._rules
+        if not rules.argument_rules or not self.decision(Kind.TOOL, target, name).allowed:
+            return None
+        context = self._context
+        if context is None:  # cannot happen: visibility denies everything then
+            return Decision(False, "variables unusable")
+        variables = mcp_variables(
+            USE_METHOD[Kind.TOOL], tool=name, target=target, arguments={} if arguments is None else arguments
+        )
+        try:
+            rules.set_variable(context, "mcp", variables)
+        except CelEvaluationError as exc:
+            log.info("mcp call arguments unusable in authorization", target=target, tool=name, error=str(exc))
+            decision = Decision(False, f"arguments unusable: {exc}")
+        else:
+            decision = rules.decide_with(context)
+        if self._audit is not None:
+            self._audit(Kind.TOOL, target, name, decision, call=True)
+        return decision
+
     def _decide(self, kind: Kind, target: str, name: str) -> Decision:
         rules = self._rules
         if not rules:
@@ -106,7 +145,7 @@ class McpVisibility:
         except CelEvaluationError as exc:
             log.warning("mcp item unusable in authorization", kind=kind.value, target=target, error=str(exc))
             return Decision(False, f"variables unusable: {exc}")
-        return rules.decide_with(context)
+        return rules.decide_without_arguments(context)
 
 
 __all__ = ["MAX_CACHED", "USE_METHOD", "Audit", "McpVisibility", "item_variables"]

@@ -253,7 +253,7 @@ async def test_an_unanswered_elicitation_streams_then_times_out_cleanly(http_tar
         events = messages(response)
         # The target's elicitation reached the client with a gateway id, then the request failed cleanly.
         assert events[0]["method"] == "elicitation/create" and str(events[0]["id"]).startswith("gw-")
-        assert events[-1]["id"] == 9 and events[-1]["error"]["code"] == -32603
+        assert events[-1]["id"] == 9 and events[-1]["error"]["code"] == -32001
         # The session still serves.
         add = {
             "jsonrpc": "2.0",
@@ -329,7 +329,7 @@ async def test_the_route_timeout_bounds_posts_but_not_the_get_stream(http_target
                 await opened.wait()
                 # The POST gets its own bound (the route's 1 s): a JSON-RPC error, not a cut connection.
                 answer = await client.post(url, json=ask, headers=headers)
-                assert messages(answer)[-1]["error"]["code"] == -32603
+                assert messages(answer)[-1]["error"]["code"] == -32001
                 assert "timed out" in messages(answer)[-1]["error"]["message"]
                 # The GET stream outlived the route's timeout: it ends cleanly only when the session does.
                 assert (await client.delete(url, headers=headers)).status_code == 204

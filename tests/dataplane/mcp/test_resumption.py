@@ -270,7 +270,7 @@ async def test_a_request_past_its_deadline_is_answered_with_an_error_and_cancell
         stream, reader, call = await r.call(within=0.2)
         with anyio.fail_after(5):
             (event,) = await stream.next(0, reader)
-        assert event.final and event.message["error"]["code"] == -32603
+        assert event.final and event.message["error"]["code"] == -32001
         assert "timed out" in event.message["error"]["message"]
         await r.target.wait_for(lambda: bool(r.target.cancelled))
         assert r.target.cancelled == [call["id"]]

@@ -25,17 +25,27 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentgate/policy/v1/keys.proto\x12\x13\x61gentgate.policy.v1\"!\n\x12RefreshJwksRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"7\n\x13RefreshJwksResponse\x12\x11\n\trefreshed\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t2n\n\nKeyService\x12`\n\x0bRefreshJwks\x12\'.agentgate.policy.v1.RefreshJwksRequest\x1a(.agentgate.policy.v1.RefreshJwksResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1e\x61gentgate/policy/v1/keys.proto\x12\x13\x61gentgate.policy.v1\"!\n\x12RefreshJwksRequest\x12\x0b\n\x03url\x18\x01 \x01(\t\"7\n\x13RefreshJwksResponse\x12\x11\n\trefreshed\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"6\n\x12ReviewTokenRequest\x12\r\n\x05token\x18\x01 \x01(\t\x12\x11\n\taudiences\x18\x02 \x03(\t\"\x90\x02\n\x13ReviewTokenResponse\x12\x15\n\rauthenticated\x18\x01 \x01(\x08\x12\x10\n\x08username\x18\x02 \x01(\t\x12\x0b\n\x03uid\x18\x03 \x01(\t\x12\x0e\n\x06groups\x18\x04 \x03(\t\x12\x11\n\taudiences\x18\x05 \x03(\t\x12\x42\n\x05\x65xtra\x18\x06 \x03(\x0b\x32\x33.agentgate.policy.v1.ReviewTokenResponse.ExtraEntry\x12\r\n\x05\x65rror\x18\x07 \x01(\t\x1aM\n\nExtraEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12.\n\x05value\x18\x02 \x01(\x0b\x32\x1f.agentgate.policy.v1.ExtraValue:\x02\x38\x01\"\x1c\n\nExtraValue\x12\x0e\n\x06values\x18\x01 \x03(\t2\xd0\x01\n\nKeyService\x12`\n\x0bRefreshJwks\x12\'.agentgate.policy.v1.RefreshJwksRequest\x1a(.agentgate.policy.v1.RefreshJwksResponse\x12`\n\x0bReviewToken\x12\'.agentgate.policy.v1.ReviewTokenRequest\x1a(.agentgate.policy.v1.ReviewTokenResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'agentgate.policy.v1.keys_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_REVIEWTOKENRESPONSE_EXTRAENTRY']._loaded_options = None
+  _globals['_REVIEWTOKENRESPONSE_EXTRAENTRY']._serialized_options = b'8\001'
   _globals['_REFRESHJWKSREQUEST']._serialized_start=55
   _globals['_REFRESHJWKSREQUEST']._serialized_end=88
   _globals['_REFRESHJWKSRESPONSE']._serialized_start=90
   _globals['_REFRESHJWKSRESPONSE']._serialized_end=145
-  _globals['_KEYSERVICE']._serialized_start=147
-  _globals['_KEYSERVICE']._serialized_end=257
+  _globals['_REVIEWTOKENREQUEST']._serialized_start=147
+  _globals['_REVIEWTOKENREQUEST']._serialized_end=201
+  _globals['_REVIEWTOKENRESPONSE']._serialized_start=204
+  _globals['_REVIEWTOKENRESPONSE']._serialized_end=476
+  _globals['_REVIEWTOKENRESPONSE_EXTRAENTRY']._serialized_start=399
+  _globals['_REVIEWTOKENRESPONSE_EXTRAENTRY']._serialized_end=476
+  _globals['_EXTRAVALUE']._serialized_start=478
+  _globals['_EXTRAVALUE']._serialized_end=506
+  _globals['_KEYSERVICE']._serialized_start=509
+  _globals['_KEYSERVICE']._serialized_end=717
 # @@protoc_insertion_point(module_scope)

@@ -40,6 +40,11 @@ class KeyServiceStub:
                 request_serializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.RefreshJwksRequest.SerializeToString,
                 response_deserializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.RefreshJwksResponse.FromString,
                 _registered_method=True)
+        self.ReviewToken = channel.unary_unary(
+                '/agentgate.policy.v1.KeyService/ReviewToken',
+                request_serializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.ReviewTokenRequest.SerializeToString,
+                response_deserializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.ReviewTokenResponse.FromString,
+                _registered_method=True)
 
 
 class KeyServiceServicer:
@@ -55,6 +60,18 @@ class KeyServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReviewToken(self, request, context):
+        """Is this Kubernetes service-account token valid for these audiences? The control plane posts an
+        authentication.k8s.io/v1 TokenReview with its own credentials and answers with the status.
+        Results are cached briefly by the token's SHA-256 and concurrent reviews of one token share a
+        call. Errors: INVALID_ARGUMENT (no token, no audience, token too large), FAILED_PRECONDITION (no
+        Kubernetes API configured, or the API refused the control plane's own credentials),
+        UNAVAILABLE (the API cannot be reached or failed), DEADLINE_EXCEEDED (it did not answer in time).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KeyServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -62,6 +79,11 @@ def add_KeyServiceServicer_to_server(servicer, server):
                     servicer.RefreshJwks,
                     request_deserializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.RefreshJwksRequest.FromString,
                     response_serializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.RefreshJwksResponse.SerializeToString,
+            ),
+            'ReviewToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReviewToken,
+                    request_deserializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.ReviewTokenRequest.FromString,
+                    response_serializer=agentgate_dot_policy_dot_v1_dot_keys__pb2.ReviewTokenResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -91,6 +113,33 @@ class KeyService:
             '/agentgate.policy.v1.KeyService/RefreshJwks',
             agentgate_dot_policy_dot_v1_dot_keys__pb2.RefreshJwksRequest.SerializeToString,
             agentgate_dot_policy_dot_v1_dot_keys__pb2.RefreshJwksResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReviewToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentgate.policy.v1.KeyService/ReviewToken',
+            agentgate_dot_policy_dot_v1_dot_keys__pb2.ReviewTokenRequest.SerializeToString,
+            agentgate_dot_policy_dot_v1_dot_keys__pb2.ReviewTokenResponse.FromString,
             options,
             channel_credentials,
             insecure,
