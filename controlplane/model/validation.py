@@ -19,6 +19,7 @@ from controlplane.model.errors import ConfigError
 from controlplane.model.formats import (
     CONTROLLER_NAME,
     DATA_KEY,
+    DNS_LABEL,
     DNS_SUBDOMAIN,
     GROUP,
     HEADER_NAME,
@@ -79,14 +80,26 @@ FROM_NAMESPACES = ("All", "Same", "Selector")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 UPSTREAM_PROTOCOLS = ("HTTP1", "HTTP2")
-# Backend variants: exactly one key of spec names the kind of upstream. Later issues add
-# "a2a" and "llm" here, each with its own checker below.
-BACKEND_VARIANTS = ("static", "mcp")
+# Backend variants: exactly one key of spec names the kind of upstream. A later issue adds
+# "llm" here, with its own checker below.
+BACKEND_VARIANTS = ("static", "mcp", "a2a")
 MCP_PREFIX_MODES = ("Conditional", "Always", "Never")
 MCP_FAILURE_MODES = ("FailClosed", "FailOpen")
 MCP_TARGET_PROTOCOLS = ("StreamableHTTP", "SSE")
 MCP_MAX_TARGETS = 64
 MCP_MAX_BODY_BYTES = 1 << 30
+A2A_SIGNED_CARDS = ("Strip", "Preserve")
+A2A_MAX_REQUEST_BYTES = 1 << 30
+A2A_AGENT_NAME_MAX_LENGTH = 253
+# "namespace/name" or one name; each part letters, digits, '.', '_', '-', starting and ending
+# with a letter or digit. At most one '/', so a rule can split namespace from name. The proxy's
+# config compiler applies the same rule (dataplane/config/a2a.py AGENT_NAME).
+_A2A_NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
+A2A_AGENT_NAME = re.compile(rf"{_A2A_NAME_PART}(?:/{_A2A_NAME_PART})?")
+A2A_AGENT_NAME_RULE = (
+    "use 'namespace/name' or 'name', each part of letters, digits, '.', '_' and '-' "
+    "starting and ending with a letter or digit"
+)
 
 
 def validate(obj: KubeObject) -> list[ConfigError]:
@@ -798,6 +811,40 @@ def _mcp_stdio(c: _Checker, stdio: Mapping[str, Any], path: str) -> None:
         c.error(f"{path}.workingDir", "must be an absolute path")
 
 
+_A2A_FIELDS = ("static", "serviceRef", "basePath", "agentName", "maxRequestBytes", "signedCards")
+
+
+def _a2a_backend(c: _Checker, value: Any, path: str) -> None:
+    """One agent: its address (static hosts or a Service of the Backend's namespace) and settings."""
+    a2a = c.mapping(value, path, required=True)
+    if a2a is None:
+        return
+    c.unknown_keys(a2a, path, _A2A_FIELDS)
+    kinds = [kind for kind in ("static", "serviceRef") if kind in a2a]
+    if len(kinds) > 1:
+        c.error(path, "only one of static, serviceRef may be set")
+    elif not kinds:
+        c.error(path, "exactly one of static, serviceRef is required (the agent's address)")
+    elif kinds[0] == "static":
+        _static_backend(c, a2a.get("static"), f"{path}.static")
+    else:
+        ref = c.mapping(a2a.get("serviceRef"), f"{path}.serviceRef", required=True)
+        if ref is not None:
+            c.unknown_keys(ref, f"{path}.serviceRef", ("name", "port"))
+            c.string(ref.get("name"), f"{path}.serviceRef.name", required=True, pattern=DNS_LABEL, max_length=63)
+            c.port(ref.get("port"), f"{path}.serviceRef.port", required=True)
+    base_path = c.string(a2a.get("basePath"), f"{path}.basePath", min_length=1, max_length=1024)
+    if base_path is not None:
+        problem = _path_problem(base_path)
+        if problem is not None:
+            c.error(f"{path}.basePath", problem)
+    agent_name = c.string(a2a.get("agentName"), f"{path}.agentName", min_length=1, max_length=A2A_AGENT_NAME_MAX_LENGTH)
+    if agent_name is not None and not A2A_AGENT_NAME.fullmatch(agent_name):
+        c.error(f"{path}.agentName", f"invalid agent name {agent_name!r}: {A2A_AGENT_NAME_RULE}")
+    c.integer(a2a.get("maxRequestBytes"), f"{path}.maxRequestBytes", minimum=1, maximum=A2A_MAX_REQUEST_BYTES)
+    c.string(a2a.get("signedCards"), f"{path}.signedCards", enum=A2A_SIGNED_CARDS)
+
+
 def _session_key_ref(c: _Checker, ref: Mapping[str, Any], path: str) -> None:
     c.unknown_keys(ref, path, ("name", "key"))
     c.string(ref.get("name"), f"{path}.name", required=True, pattern=DNS_SUBDOMAIN, max_length=253)
@@ -809,6 +856,7 @@ _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _BACKEND_VARIANT_CHECKS: Mapping[str, Callable[[_Checker, Any, str], None]] = {
     "static": _static_backend,
     "mcp": _mcp_backend,
+    "a2a": _a2a_backend,
 }
 
 _KIND_CHECKS: Mapping[str, Callable[[_Checker, KubeObject], None]] = {

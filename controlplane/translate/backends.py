@@ -6,7 +6,7 @@ translation however many routes and gateways use it.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -26,6 +26,8 @@ from controlplane.model import (
     ObjectKey,
     parse_duration,
 )
+from controlplane.translate.a2a import SERVICE_APP_PROTOCOL as A2A_APP_PROTOCOL
+from controlplane.translate.a2a import a2a_backend, service_a2a_backend
 from controlplane.translate.conditions import (
     ACCEPTED,
     REASON_ACCEPTED,
@@ -148,13 +150,16 @@ class BackendResolver:
             if isinstance(built, RefProblem):
                 return built
             return ResolvedBackend(key, *built)
+        target = pb.Target(
+            name=target_name(key, host, port), backend=key, weight=1, address=pb.SocketAddress(host=host, port=port)
+        )
+        if app_protocol == A2A_APP_PROTOCOL:
+            agent = service_a2a_backend(service, key)
+            return agent if isinstance(agent, RefProblem) else ResolvedBackend(key, agent, (target,))
         backend = pb.Backend(
             name=key,
             protocol=pb.UPSTREAM_PROTOCOL_HTTP2 if app_protocol in _H2C_APP_PROTOCOLS else pb.UPSTREAM_PROTOCOL_HTTP1,
             http=pb.HttpBackend(),
-        )
-        target = pb.Target(
-            name=target_name(key, host, port), backend=key, weight=1, address=pb.SocketAddress(host=host, port=port)
         )
         return ResolvedBackend(key, backend, (target,))
 
@@ -186,6 +191,11 @@ class BackendResolver:
             if isinstance(built, RefProblem):
                 return built
             return ResolvedBackend(key, backend, built)
+        if variant == "a2a":
+            addresses = a2a_backend(obj, self._index, backend)
+            if isinstance(addresses, RefProblem):
+                return addresses
+            return ResolvedBackend(key, backend, address_targets(key, addresses))
         targets = _VARIANT_BUILDERS[variant](key, spec[variant], backend)
         return ResolvedBackend(key, backend, targets)
 
@@ -221,23 +231,29 @@ class BackendResolver:
         return None
 
 
-def _static_targets(key: str, static: Mapping[str, Any], backend: pb.Backend) -> tuple[pb.Target, ...]:
-    backend.http.SetInParent()
-    hosts = static.get("hosts", [static])
+def address_targets(key: str, addresses: Iterable[tuple[str, int, int]]) -> tuple[pb.Target, ...]:
+    """Address Targets of a Backend from (host, port, weight) triples."""
     return tuple(
         pb.Target(
-            name=target_name(key, host["host"], host["port"]),
+            name=target_name(key, host, port),
             backend=key,
-            weight=host.get("weight", 1),
-            address=pb.SocketAddress(host=host["host"], port=host["port"]),
+            weight=weight,
+            address=pb.SocketAddress(host=host, port=port),
         )
-        for host in hosts
+        for host, port, weight in addresses
     )
 
 
+def _static_targets(key: str, static: Mapping[str, Any], backend: pb.Backend) -> tuple[pb.Target, ...]:
+    backend.http.SetInParent()
+    hosts = static.get("hosts", [static])
+    return address_targets(key, ((host["host"], host["port"], host.get("weight", 1)) for host in hosts))
+
+
 # One builder per Backend variant (see model.validation.BACKEND_VARIANTS) that needs no other
-# objects: it sets the Backend's kind and returns its Targets. "mcp" resolves Secrets, so the
-# resolver builds it (translate.mcp); "a2a" and "llm" arrive later.
+# objects: it sets the Backend's kind and returns its Targets. "mcp" resolves Secrets and "a2a"
+# may resolve a Service, so the resolver builds them (translate.mcp, translate.a2a); "llm"
+# arrives later.
 _VARIANT_BUILDERS: Mapping[str, Callable[[str, Any, pb.Backend], tuple[pb.Target, ...]]] = {
     "static": _static_targets,
 }

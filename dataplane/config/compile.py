@@ -17,6 +17,7 @@ from typing import TypeVar
 
 from google.protobuf.message import Message
 
+from dataplane.config.a2a import compile_a2a_settings
 from dataplane.config.errors import ConfigRejected, ErrorList, ErrorReporter, ResourceError
 from dataplane.config.mcp import compile_mcp_settings
 from dataplane.config.model import (
@@ -262,6 +263,11 @@ def _compile_backend(
     total = sum(target.weight for target in targets)
     if total > MAX_WEIGHT_TOTAL:
         report("targets", f"total target weight {total} exceeds {MAX_WEIGHT_TOTAL}")
+    kind = backend.WhichOneof("kind") or "http"
+    # A2A: agent settings on top of an ordinary HTTP cluster (its targets are addresses).
+    a2a = compile_a2a_settings(report, name, backend.a2a) if kind == "a2a" else None
+    if kind == "a2a" and a2a is None:
+        return None
     return UpstreamCluster(
         name=name,
         protocol=protocol,
@@ -271,7 +277,8 @@ def _compile_backend(
         idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
         max_connections=pool.max_connections or DEFAULT_MAX_CONNECTIONS,
         targets=tuple(targets),
-        kind=backend.WhichOneof("kind") or "http",
+        kind=kind,
+        a2a=a2a,
     )
 
 

@@ -156,6 +156,30 @@ class McpBackendSettings:
         return next((key for key in self.session_keys if key.key_id == key_id), None)
 
 
+# --- A2A --------------------------------------------------------------------------------------
+
+A2aSignedCards = Literal["strip", "preserve"]
+
+DEFAULT_A2A_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class A2aBackendSettings:
+    """An A2A backend as the A2A handler reads it; the agent itself is reached through `targets`.
+
+    `agent_name` names the agent in authorization rules, x-target-agent and logs ("namespace/name"
+    or one name). `base_path` starts with '/' and has no trailing '/' unless it is exactly '/', so
+    the upstream path is a plain join. `max_request_bytes` bounds the body read to find the method.
+    `signed_cards`: "strip" removes a card's JWS `signatures` and rewrites its URLs; "preserve"
+    passes a signed card untouched (URLs not rewritten).
+    """
+
+    agent_name: str
+    base_path: str = "/"
+    max_request_bytes: int = DEFAULT_A2A_MAX_REQUEST_BYTES
+    signed_cards: A2aSignedCards = "strip"
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamCluster:
     """A backend with its endpoints and the client settings to reach them."""
@@ -174,6 +198,8 @@ class UpstreamCluster:
     kind: str = "http"
     # Set when kind is "mcp" (its servers are there; `targets` is then empty).
     mcp: McpBackendSettings | None = None
+    # Set when kind is "a2a"; the agent's endpoints are the ordinary `targets`.
+    a2a: A2aBackendSettings | None = None
     # Cumulative target weights, so a pick is one random draw and one bisect.
     _cumulative: tuple[int, ...] = field(init=False, repr=False, compare=False)
 

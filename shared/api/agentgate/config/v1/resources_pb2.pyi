@@ -326,8 +326,24 @@ class McpSessionKey(_message.Message):
     def __init__(self, id: _Optional[str] = ..., key: _Optional[bytes] = ...) -> None: ...
 
 class A2aBackend(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("agent_name", "base_path", "max_request_bytes", "signed_cards")
+    class SignedCards(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        SIGNED_CARDS_UNSPECIFIED: _ClassVar[A2aBackend.SignedCards]
+        SIGNED_CARDS_STRIP: _ClassVar[A2aBackend.SignedCards]
+        SIGNED_CARDS_PRESERVE: _ClassVar[A2aBackend.SignedCards]
+    SIGNED_CARDS_UNSPECIFIED: A2aBackend.SignedCards
+    SIGNED_CARDS_STRIP: A2aBackend.SignedCards
+    SIGNED_CARDS_PRESERVE: A2aBackend.SignedCards
+    AGENT_NAME_FIELD_NUMBER: _ClassVar[int]
+    BASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    SIGNED_CARDS_FIELD_NUMBER: _ClassVar[int]
+    agent_name: str
+    base_path: str
+    max_request_bytes: int
+    signed_cards: A2aBackend.SignedCards
+    def __init__(self, agent_name: _Optional[str] = ..., base_path: _Optional[str] = ..., max_request_bytes: _Optional[int] = ..., signed_cards: _Optional[_Union[A2aBackend.SignedCards, str]] = ...) -> None: ...
 
 class LlmBackend(_message.Message):
     __slots__ = ()
