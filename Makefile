@@ -15,6 +15,12 @@ define apt_ensure
 	  $(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq $$missing >/dev/null; fi
 endef
 
+# xds-protos (Envoy's API, for xDS) ships an older copy of the opentelemetry/proto modules; whichever
+# package pip installs last owns those files, and the old copy breaks the OTLP exporters. Reinstall
+# opentelemetry-proto (same version, no deps) last so its modules win.
+OTEL_PROTO_FIX = $(BIN)/python -m pip install -q --force-reinstall --no-deps \
+	"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
+
 .PHONY: run test install lint protos bench bench-mcp bench-policy clean
 
 $(BIN)/python:
@@ -23,6 +29,7 @@ $(BIN)/python:
 $(STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'
+	$(OTEL_PROTO_FIX)
 	@touch $@
 
 install: $(STAMP)

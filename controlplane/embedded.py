@@ -75,8 +75,10 @@ class EmbeddedGateway:
         self._next_index = 0
         self._changed = anyio.Event()
 
-    def _port(self, base: int, index: int) -> int:
-        return -1 if base < 0 else base + index
+    def _port(self, base: int, index: int, stride: int = 1) -> int:
+        """Worker ``index``'s port from ``base``. Metrics and readiness use stride 2: their default
+        bases (15020, 15021) are adjacent, so ``base + index`` would give worker 1 worker 0's port."""
+        return -1 if base < 0 else base + stride * index
 
     def worker_command(self, slot: WorkerSlot) -> list[str]:
         s = self.settings
@@ -89,8 +91,8 @@ class EmbeddedGateway:
             "--admin-host", s.host,
             "--stats-host", s.host,
             "--admin-port", str(self._port(s.admin_port, slot.index)),
-            "--metrics-port", str(self._port(s.metrics_port, slot.index)),
-            "--readiness-port", str(self._port(s.readiness_port, slot.index)),
+            "--metrics-port", str(self._port(s.metrics_port, slot.index, 2)),
+            "--readiness-port", str(self._port(s.readiness_port, slot.index, 2)),
             "--drain-timeout", str(s.drain_timeout),
             "--log-level", s.log_level,
             "--stop-on-stdin-close",
