@@ -125,6 +125,21 @@ def external_base(
     return ExternalBase(scheme, authority, public_prefix.rstrip("/"))
 
 
+def public_prefix(base_path: str, matched_prefix: str | None, replace_prefix_match: str | None) -> str:
+    """The gateway path that reaches the agent's base path: with a URLRewrite ReplacePrefixMatch that maps
+    ``matched_prefix`` (``/agents/planner``) to ``replace_prefix_match`` (``/``), the base path seen from the
+    client's side (``/agents/planner`` + the part of the base below the replacement); without one (or when
+    the base lies outside the rewritten space, or with ReplaceFullPath, which cannot be inverted) the base
+    path itself. No trailing slash; "" for the root."""
+    base = _normal_base_path(base_path)
+    if matched_prefix is None or replace_prefix_match is None:
+        return base
+    replacement = replace_prefix_match.rstrip("/")
+    if not _under(base, replacement):
+        return base
+    return matched_prefix.rstrip("/") + base[len(replacement) :]
+
+
 def _origin(parts: SplitResult) -> tuple[str, str, int] | None:
     """(scheme, host, port) with default ports filled in; None for a URL without a usable origin."""
     scheme = parts.scheme.lower()
@@ -349,5 +364,6 @@ __all__ = [
     "SignedCards",
     "external_base",
     "is_card_path",
+    "public_prefix",
     "rewrite_card",
 ]

@@ -60,9 +60,10 @@ from dataplane.a2a.errors import (
     payload_too_large,
 )
 from dataplane.mcp.jsonrpc import decode_json
+from dataplane.policy.authorize import A2A_DEFAULT_VERSION, a2a_variables
 
 VERSION_HEADER: Final = "a2a-version"
-DEFAULT_VERSION: Final = "0.3"  # what an absent or empty A2A-Version means
+DEFAULT_VERSION: Final = A2A_DEFAULT_VERSION  # what an absent or empty A2A-Version means
 _VERSION = re.compile(r"(\d{1,4})\.(\d{1,4})(?:\.\d{1,4})?\Z")
 _INT64: Final = 2**63
 
@@ -142,19 +143,20 @@ class A2aCall:
         return self.operation.streaming
 
     def variables(self, target: str = "", namespace: str = "") -> dict[str, Any]:
-        """The CEL ``a2a`` variable: the keys ``dataplane.policy.authorize.a2a_variables`` defines (method as
-        sent, ``operation`` = 1.0 name, ``target`` {name, namespace}) plus ``version``, ``taskId``,
+        """The CEL ``a2a`` variable, built by ``dataplane.policy.authorize.a2a_variables`` (its one home): method
+        as sent, ``operation`` = 1.0 name, ``target`` {name, namespace}, ``version``, ``taskId``,
         ``contextId``, ``binding`` and ``streaming``."""
-        return {
-            "method": self.method,
-            "operation": self.operation.value,
-            "target": {"name": target, "namespace": namespace},
-            "version": self.version,
-            "taskId": self.task_id,
-            "contextId": self.context_id,
-            "binding": self.binding,
-            "streaming": self.operation.streaming,
-        }
+        return a2a_variables(
+            self.method,
+            target=target,
+            namespace=namespace,
+            operation=self.operation.value,
+            version=self.version,
+            task_id=self.task_id,
+            context_id=self.context_id,
+            binding=self.binding,
+            streaming=self.operation.streaming,
+        )
 
     def log_fields(self) -> dict[str, Any]:
         """Access-log fields (empty ones left out)."""

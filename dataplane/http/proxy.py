@@ -14,6 +14,8 @@ import math
 
 import anyio
 
+from dataplane.a2a.card import public_prefix
+from dataplane.a2a.handler import A2aHandler, A2aRequest
 from dataplane.config.model import RuntimeConfig, UpstreamCluster, UpstreamTarget
 from dataplane.config.policy import EMPTY_POLICY, EffectivePolicy, ResilienceSettings
 from dataplane.http.errors import (
@@ -30,7 +32,7 @@ from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseS
 from dataplane.llm.metering import Charge, MeteredSink
 from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
 from dataplane.mcp.modern import ModernEndpoint
-from dataplane.policy.chain import PolicyTable, Refused, WorkerPolicies
+from dataplane.policy.chain import Admitted, PolicyTable, Refused, WorkerPolicies
 from dataplane.policy.cors import CorsPolicy, is_preflight
 from dataplane.policy.forwarding import ForwardPolicy, forward_policy
 from dataplane.policy.resilience import REPLAY_BODY_CAP, ReplayableBody, RetryState, failure_kind, next_target
@@ -148,6 +150,8 @@ class ProxyHandler:
         # The worker's policy state (compile caches, Redis clients, the JWKS refresh seam
         # `policies.on_jwks_refresh`) outlives configs; each config's policies compile when it is set.
         self.policies = WorkerPolicies()
+        # A2A agents (card rewriters, header values) are built with each config, like its policies.
+        self.a2a = A2aHandler()
         self._config = RuntimeConfig.empty()
         self._policy_table = self.policies.compile(self._config)
         if config is not None:
@@ -171,6 +175,7 @@ class ProxyHandler:
         """Swap in ``config`` with its policies compiled (unchanged sections reused): no request pays
         for compiling, and table and config change together (no await in between)."""
         table = self.policies.compile(config)
+        self.a2a.apply(config)
         self.policies.activate(table)
         self._policy_table = table
         self._config = config
@@ -311,6 +316,7 @@ class ProxyHandler:
         policy = table.lookup(request, route.name, choice.name)
         effective = EMPTY_POLICY
         caller: CallerPolicy | None = None
+        admitted: Admitted | None = None
         charge: Charge | None = None  # budgets and token limits: charged with the usage the response reports
         if policy is not None:
             effective = policy.effective
@@ -330,6 +336,7 @@ class ProxyHandler:
                     await self._refuse(request, sink, outcome)
                     return
                 request.headers = outcome.headers
+                admitted = outcome
                 caller = outcome.mcp
                 if outcome.wants_usage:
                     charge = outcome.charge
@@ -340,8 +347,11 @@ class ProxyHandler:
             # The endpoint bounds each MCP request by the route's timeout itself: its GET streams outlive it.
             await self.mcp.handle(request, sink, cluster, timeout, caller)
             return
+        if cluster.kind == "a2a" and cluster.a2a is not None:
+            await self._serve_a2a(request, sink, match, choice, cluster, path, query, effective, admitted)
+            return
         if cluster.kind != "http":
-            # Protocol-aware backends (MCP now; A2A and LLM later) need their own handler.
+            # Protocol-aware backends (MCP and A2A now; LLM later) need their own handler.
             raise UnsupportedRequest(f"backend {cluster.name} is a {cluster.kind} backend, not served here yet")
         target = cluster.pick_target()
         if target is None:
@@ -360,6 +370,43 @@ class ProxyHandler:
         finally:
             if metered is not None:  # however the response ended: charge what it reported, once
                 await metered.settle()
+
+    async def _serve_a2a(
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        match: RouteMatch,
+        choice: BackendChoice,
+        cluster: UpstreamCluster,
+        path: str,
+        query: str,
+        policy: EffectivePolicy,
+        admitted: Admitted | None,
+    ) -> None:
+        """Hand the request to the A2A handler with this forwarding path (the route's rewrite, filters and
+        timeouts, the policy's credential, CORS and resilience) as its way to the agent."""
+        route = match.route
+        rewrite = route.url_rewrite
+        upstream_path = path if rewrite is None else rewrite.rewrite_path(path, match.matched_prefix)
+        agent = self.a2a.agent(cluster)
+        replacement = rewrite.replace_prefix_match if rewrite is not None else None
+        prefix = public_prefix(agent.base_path, match.matched_prefix, replacement)
+        timeout = route.request_timeout
+
+        async def forward(forwarded: ProxyRequest, answer: ResponseSink) -> None:
+            target = cluster.pick_target()
+            if target is None:
+                raise BackendUnavailable(f"backend {cluster.name} has no targets")
+            if timeout is None:
+                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy)
+                return
+            with anyio.move_on_after(timeout) as scope:
+                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy)
+            if scope.cancelled_caught:
+                raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+
+        a2a = A2aRequest(request, agent, upstream_path, query, prefix, admitted)
+        await self.a2a.handle(a2a, sink, forward)
 
     async def _forward(
         self,

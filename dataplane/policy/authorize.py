@@ -28,8 +28,11 @@ part is an empty map or string):
   (Kubernetes service-account tokens).
 - ``mcp``: ``method``; ``tool`` {name, target, arguments}; ``prompt`` {name, target}; ``resource`` {uri, target}.
   Names are the target's own (upstream) names; ``target`` is the federation's target name.
-- ``a2a``: ``method`` as sent (``message/send`` in 0.3, ``SendMessage`` in 1.0), ``operation`` (always the 1.0
-  name, so one rule covers both eras), ``target`` {name, namespace} of the agent called.
+- ``a2a``: ``method`` as sent (``message/send`` in 0.3, ``SendMessage`` in 1.0; "" for an agent-card fetch),
+  ``operation`` (always the 1.0 name, so one rule covers both eras), ``target`` {name, namespace} of the agent
+  called, ``version`` (``A2A-Version``; "0.3" when absent), ``taskId``, ``contextId``, ``binding`` ("jsonrpc"
+  or "rest") and ``streaming`` (bool). ``a2a_variables`` is the one builder (the A2A handler's ``A2aCall``
+  uses it), so a rule sees the same keys on every route.
 - ``llm``: ``model``.
 """
 
@@ -274,7 +277,16 @@ EMPTY_MCP: Mapping[str, Any] = MappingProxyType(
     {"method": "", "tool": _NO_TOOL, "prompt": _NO_PROMPT, "resource": _NO_RESOURCE}
 )
 EMPTY_A2A: Mapping[str, Any] = MappingProxyType(
-    {"method": "", "operation": "", "target": MappingProxyType({"name": "", "namespace": ""})}
+    {
+        "method": "",
+        "operation": "",
+        "target": MappingProxyType({"name": "", "namespace": ""}),
+        "version": "",
+        "taskId": "",
+        "contextId": "",
+        "binding": "",
+        "streaming": False,
+    }
 )
 EMPTY_LLM: Mapping[str, Any] = MappingProxyType({"model": ""})
 
@@ -294,6 +306,16 @@ A2A_OPERATIONS: Mapping[str, str] = MappingProxyType(
         "agent/getAuthenticatedExtendedCard": "GetExtendedAgentCard",
     }
 )
+# 1.0 draft spellings some SDKs still send (dataplane.a2a.methods accepts them too).
+_A2A_DRAFT_NAMES: Mapping[str, str] = MappingProxyType(
+    {
+        "SetTaskPushNotificationConfig": "CreateTaskPushNotificationConfig",
+        "ListTaskPushNotificationConfig": "ListTaskPushNotificationConfigs",
+    }
+)
+# What an absent A2A-Version header means (A2A 1.0 section 3.2.6).
+A2A_DEFAULT_VERSION: Final = "0.3"
+_A2A_STREAMING: Final = frozenset({"SendStreamingMessage", "SubscribeToTask"})
 
 
 def jwt_variables(identity: Identity | None) -> Mapping[str, Any]:
@@ -360,12 +382,32 @@ def mcp_variables(
     }
 
 
-def a2a_variables(method: str, *, target: str = "", namespace: str = "") -> dict[str, Any]:
-    """``a2a``: the method as sent, its 1.0 name (unknown names pass through) and the agent called."""
+def a2a_variables(
+    method: str,
+    *,
+    target: str = "",
+    namespace: str = "",
+    operation: str | None = None,
+    version: str = A2A_DEFAULT_VERSION,
+    task_id: str = "",
+    context_id: str = "",
+    binding: str = "jsonrpc",
+    streaming: bool | None = None,
+) -> dict[str, Any]:
+    """``a2a``: the method as sent, its 1.0 ``operation`` (from the method when not given; unknown names pass
+    through), the agent called and the request's facts. The defaults are what a JSON-RPC request with that
+    method and no ``A2A-Version`` header says (``streaming`` follows the operation)."""
+    if operation is None:
+        operation = A2A_OPERATIONS.get(method) or _A2A_DRAFT_NAMES.get(method, method)
     return {
         "method": method,
-        "operation": A2A_OPERATIONS.get(method, method),
+        "operation": operation,
         "target": {"name": target, "namespace": namespace},
+        "version": version,
+        "taskId": task_id,
+        "contextId": context_id,
+        "binding": binding,
+        "streaming": operation in _A2A_STREAMING if streaming is None else streaming,
     }
 
 
@@ -395,6 +437,7 @@ def activation(
 
 
 __all__ = [
+    "A2A_DEFAULT_VERSION",
     "A2A_OPERATIONS",
     "EMPTY_A2A",
     "EMPTY_LLM",

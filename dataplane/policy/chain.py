@@ -20,7 +20,9 @@ Request time (`RequestPolicy.evaluate`, after routing chose the rule and backend
 4. authorization (CEL) -> 403; rule sets reading a protocol variable (``mcp``, ``a2a``, ``llm``) on
    a backend of that protocol are deferred to its handler: for MCP the rules decide the
    visibility of each tool, prompt and resource (`McpCaller`), so a denied tool is missing from
-   lists and fails like an unknown one; for A2A/LLM handlers `Admitted.authorize`;
+   lists and fails like an unknown one; for A2A/LLM handlers `Admitted.authorize`. On an A2A
+   backend every rule set is deferred, whatever it reads: the handler answers denials in the A2A
+   error shape and needs the `Decision` (which rule allowed) for its cross-namespace check;
 5. rate limits, keyed by CEL, requests counted -> 429 with ``Retry-After`` and ``x-ratelimit-*``
    (503 when a fail-closed global limit cannot reach Redis); limits whose key reads ``mcp`` are
    counted per MCP item use instead (tools/call, prompts/get, resources/read; `McpCaller.admit`);
@@ -845,7 +847,7 @@ class WorkerPolicies:
             return RequestPolicy(effective, failure=Refused(500, message, [], "policy_uncompilable"))
         rules = deferred = None
         if rule_set is not None:
-            if protocol is not None and protocol in rule_set.variables:
+            if protocol is not None and (protocol in rule_set.variables or kind == "a2a"):
                 deferred = rule_set
             else:
                 rules = rule_set
