@@ -21,7 +21,7 @@ endef
 OTEL_PROTO_FIX = $(BIN)/python -m pip install -q --force-reinstall --no-deps \
 	"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 
-.PHONY: run test install lint protos bench bench-mcp bench-policy clean
+.PHONY: run test install lint protos bench bench-mcp bench-policy bench-a2a clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -72,6 +72,11 @@ bench-mcp: install
 bench-policy: install
 	$(call apt_ensure,wrk:wrk nginx:nginx-light redis-server:redis-server)
 	$(BIN)/python bench/policy_proxy.py
+
+# A2A SendMessage through one worker vs a lean responder directly and through Envoy, and vs an a2a-sdk agent.
+bench-a2a: install
+	$(call apt_ensure,wrk:wrk)
+	$(BIN)/python bench/a2a_proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
