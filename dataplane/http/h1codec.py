@@ -200,6 +200,29 @@ class _Parser:
         events = self._events
         return events.popleft() if events else None
 
+    def take_complete_body(self) -> tuple[bytes, Headers] | None:
+        """The rest of the current message's body and its trailers, when every byte of it (and its
+        end) has already been parsed; None (nothing taken) when more bytes are still to come or the
+        body has trailers."""
+        events = self._events
+        size = 0
+        for event in events:
+            kind = type(event)
+            if kind is bytes:
+                size += 1
+            elif kind is EndOfMessage:
+                if event.trailers:  # type: ignore[union-attr]
+                    return None  # trailers travel through the streaming path
+                break
+            else:
+                return None
+        else:
+            return None
+        pieces = [events.popleft() for _ in range(size)]
+        end = events.popleft()
+        body = pieces[0] if size == 1 else b"".join(pieces)  # type: ignore[arg-type]
+        return body, end.trailers  # type: ignore[union-attr,return-value]
+
     @property
     def in_head(self) -> bool:
         """Bytes of a head have arrived but the head is not complete."""

@@ -157,6 +157,18 @@ class Http1Body:
         self.finished = False
         self.trailers = _NO_TRAILERS
 
+    def take_complete(self) -> bytes | None:
+        """The whole (remaining) body when it has already arrived with the head, so the proxy can
+        send the upstream request in one write; None when more is to come (then `read` streams)."""
+        if self.finished or self._continue:
+            return None
+        taken = self._conn._parser.take_complete_body()
+        if taken is None:
+            return None
+        self.finished = True
+        self.trailers = taken[1]
+        return taken[0]
+
     async def read(self) -> bytes:
         if self.finished:
             return b""

@@ -84,6 +84,10 @@ class _Stream:
         return sum(length for _, length in self._chunks)
 
     # --- BodySource ------------------------------------------------------------------------
+    def take_complete(self) -> bytes | None:
+        # Upstream h2 streams send DATA frames apart from HEADERS anyway: nothing to gain here.
+        return None
+
     async def read(self) -> bytes:
         chunks = self._chunks
         while not chunks:

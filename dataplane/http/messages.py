@@ -19,6 +19,11 @@ class BodySource(Protocol):
         """The next piece; b"" at the end. Raises ClientGone or RequestRejected."""
         ...
 
+    def take_complete(self) -> bytes | None:
+        """All the body not read yet, if all of it has already arrived (it is then consumed, as if
+        read to its end); None, consuming nothing, while more is to come."""
+        ...
+
     @property
     def trailers(self) -> Headers: ...
 

@@ -148,6 +148,14 @@ class _Replay:
         self._body = body
         self._index = 0
 
+    def take_complete(self) -> bytes | None:
+        body = self._body
+        if not body.complete or body.streamed:
+            return None
+        rest = body._chunks[self._index :]
+        self._index = len(body._chunks)
+        return rest[0] if len(rest) == 1 else b"".join(rest)
+
     async def read(self) -> bytes:
         body = self._body
         chunks = body._chunks

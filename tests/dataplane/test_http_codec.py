@@ -54,6 +54,34 @@ def test_content_length_body_arrives_as_bytes_events() -> None:
     assert rest == [b"he", b"llo", END]
 
 
+def test_a_body_that_arrived_whole_is_taken_at_once_and_the_next_request_stays() -> None:
+    parser = RequestParser()
+    parser.feed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhe")
+    parser.feed(b"lloGET /next HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert isinstance(parser.next_event(), RequestHead)
+    assert parser.take_complete_body() == (b"hello", [])
+    following = parser.next_event()
+    assert isinstance(following, RequestHead) and following.target == b"/next"
+
+
+def test_a_body_still_arriving_is_not_taken_and_nothing_is_consumed() -> None:
+    parser = RequestParser()
+    parser.feed(b"POST /p HTTP/1.1\r\nHost: a\r\nContent-Length: 5\r\n\r\nhe")
+    assert isinstance(parser.next_event(), RequestHead)
+    assert parser.take_complete_body() is None
+    parser.feed(b"llo")
+    assert events(parser) == [b"he", b"llo", END]
+
+
+def test_a_chunked_body_with_trailers_is_left_to_streaming() -> None:
+    parser = RequestParser()
+    parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n")
+    assert isinstance(parser.next_event(), RequestHead)
+    assert parser.take_complete_body() is None
+    data, end = events(parser)
+    assert data == b"abc" and isinstance(end, EndOfMessage) and end.trailers == [(b"x-sum", b"9")]
+
+
 def test_chunked_body_with_trailers() -> None:
     parser = RequestParser()
     parser.feed(b"POST / HTTP/1.1\r\nHost: a\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\nX-Sum: 9\r\n\r\n")
