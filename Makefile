@@ -45,7 +45,7 @@ run: install
 	examples/quickstart/run.sh
 
 test: install
-	$(call apt_ensure,curl:curl nginx:nginx-light redis-server:redis-server)
+	$(call apt_ensure,curl:curl nginx:nginx-light redis-server:redis-server kubectl:kubernetes-client)
 	@$(MAKE) --no-print-directory $(NODE_PEERS)
 	$(BIN)/ruff check .
 	$(BIN)/pytest

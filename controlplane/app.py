@@ -1,6 +1,12 @@
 """The control plane process: a config source feeds the translator, whose snapshots the
 discovery server streams to proxies.
 
+The source is a watched folder (`settings.config_dir`) or the Kubernetes API
+(`settings.kubernetes`, through `settings.kube_api`); both hand over a `FolderState`. Every state
+is translated whole (the translator is pure and fast), and the snapshot cache keeps the very same
+snapshot, waking no proxy, for every Gateway whose content did not change: only Gateways whose
+inputs changed are pushed.
+
 The source keeps the last good version of every object, the translator is pure, and the
 snapshot cache refuses an inconsistent snapshot, so a bad edit never takes down what is
 being served: it is reported (file, kind/name, field) and the previous config stays.
@@ -10,6 +16,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +29,7 @@ from controlplane.jwks import JwksFetcher
 from controlplane.jwks_wiring import JwksWiring
 from controlplane.snapshot import SnapshotCache, SnapshotInconsistent
 from controlplane.sources.folder import FolderSource, FolderState
+from controlplane.sources.kubernetes import KubernetesSource, KubernetesSourceSettings
 from controlplane.token_review import KubeApiConfig, KubeTokenReviewer, TokenReviewService
 from controlplane.translate import translate
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
@@ -33,7 +41,8 @@ log = get_logger("controlplane")
 
 @dataclass(frozen=True)
 class ControlPlaneSettings:
-    config_dir: Path
+    # The config source: a folder of YAML, or (when `kubernetes` is set) the Kubernetes API.
+    config_dir: Path | None = None
     xds_address: str = "0.0.0.0:9977"
     metrics_host: str = "0.0.0.0"
     # -1 disables the metrics endpoint.
@@ -41,6 +50,14 @@ class ControlPlaneSettings:
     # The Kubernetes API that reviews service-account tokens for proxies (KeyService.ReviewToken);
     # None: reviews answer FAILED_PRECONDITION.
     kube_api: KubeApiConfig | None = None
+    # Read Gateway API objects and our CRDs from the Kubernetes API of `kube_api` instead of a folder.
+    kubernetes: KubernetesSourceSettings | None = None
+
+    def describe_source(self) -> str:
+        if self.kubernetes is not None:
+            where = self.kube_api.describe() if self.kube_api is not None else "no Kubernetes API"
+            return f"Kubernetes API ({where}, {self.kubernetes.describe()})"
+        return f"config folder {self.config_dir}"
 
 
 @dataclass
@@ -141,14 +158,44 @@ class ControlPlane:
             return AdminResponse(200, json.dumps(body, indent=2, default=str).encode(), "application/json")
         return AdminResponse.text(404, "not found: try /metrics or /status")
 
-    async def _states(self) -> AsyncIterator[FolderState]:
-        async for state in FolderSource(self.settings.config_dir).watch():
-            yield state
+    def _check_source(self) -> None:
+        """Refuse to start without exactly one usable source (SystemExit naming what is wrong)."""
+        settings = self.settings
+        if (settings.config_dir is None) == (settings.kubernetes is None):
+            raise SystemExit("choose one config source: a config folder or the Kubernetes API")
+        if settings.kubernetes is not None:
+            if settings.kube_api is None:
+                raise SystemExit("the Kubernetes source needs --kubeconfig PATH, or running in a pod")
+        elif settings.config_dir is not None and not settings.config_dir.is_dir():
+            raise SystemExit(f"config folder {settings.config_dir} does not exist or is not a folder")
+
+    @asynccontextmanager
+    async def _source(self) -> AsyncIterator[AsyncIterator[FolderState]]:
+        """The states of the configured source, while the block runs."""
+        kubernetes, kube_api = self.settings.kubernetes, self.settings.kube_api
+        if kubernetes is None or kube_api is None:
+            assert self.settings.config_dir is not None
+            states = FolderSource(self.settings.config_dir).watch()
+            try:
+                yield states
+            finally:
+                await states.aclose()
+            return
+        try:
+            # Its own client: long-held watches never take connections TokenReviews need.
+            api_client = await kube_api.api_client()
+        except Exception as exc:  # ConfigException, OSError, YAML and key errors of a bad file
+            raise SystemExit(f"cannot use the {kube_api.describe()} for the Kubernetes source: {exc}") from None
+        try:
+            async with KubernetesSource(api_client, kubernetes).watch() as received:
+                yield received
+        finally:
+            with anyio.CancelScope(shield=True):
+                await api_client.close()
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. `task_status.started()` fires once the first snapshot pass is done."""
-        if not self.settings.config_dir.is_dir():
-            raise SystemExit(f"config folder {self.settings.config_dir} does not exist or is not a folder")
+        self._check_source()
         reviewer = await self._connect_kube_api()
         try:
             server = await start_grpc_server(
@@ -167,13 +214,14 @@ class ControlPlane:
                     admin = AdminServer(self._metrics, self.settings.metrics_host, self.settings.metrics_port)
                     self.metrics_port = await tg.start(admin.serve)
                 log.info("control plane serving", xds_port=self.xds_port, metrics_port=self.metrics_port,
-                         config_dir=str(self.settings.config_dir))
+                         source=self.settings.describe_source())
                 started = False
-                async for state in self._states():
-                    self.reconcile(state)
-                    if not started:
-                        started = True
-                        task_status.started()
+                async with self._source() as states:
+                    async for state in states:
+                        self.reconcile(state)
+                        if not started:
+                            started = True
+                            task_status.started()
                 tg.cancel_scope.cancel()
         finally:
             with anyio.CancelScope(shield=True):

@@ -46,6 +46,12 @@ class EmbeddedSettings:
     log_level: str = "info"
     # The Kubernetes API for TokenReview of service-account tokens (`--kubeconfig`, or in-cluster).
     kube_api: KubeApiConfig | None = None
+    # Worker observability flags, passed on (None: the worker's default, i.e. the OTEL_* environment).
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http"] | None = None
+    trace_sampling: float | None = None
+    # "stdout", "off", or a path: worker k of Gateway NS/NAME then writes PATH.NS.NAME.k (a file per process).
+    access_log: str = "stdout"
 
 
 @dataclass
@@ -96,7 +102,18 @@ class EmbeddedGateway:
             "--drain-timeout", str(s.drain_timeout),
             "--log-level", s.log_level,
             "--stop-on-stdin-close",
+            "--access-log", self.access_log_target(slot),
+            *(["--otlp-endpoint", s.otlp_endpoint] if s.otlp_endpoint is not None else []),
+            *(["--otlp-protocol", s.otlp_protocol] if s.otlp_protocol is not None else []),
+            *(["--trace-sampling", repr(s.trace_sampling)] if s.trace_sampling is not None else []),
         ]
+
+    def access_log_target(self, slot: WorkerSlot) -> str:
+        """Where worker ``slot`` writes its access log: two processes must never rotate one file."""
+        target = self.settings.access_log
+        if target in ("stdout", "off"):
+            return target
+        return f"{target}.{slot.gateway.replace('/', '.')}.{slot.index}"
 
     async def _supervise(self, slot: WorkerSlot) -> None:
         delay = 0.5

@@ -3,6 +3,10 @@
 A config is compiled (dataplane.config) and then handed to the proxy server, which
 binds any new sockets before it swaps the config in one assignment. Either step may
 refuse the update; the ADS client then NACKs and the previous config keeps serving.
+
+Observability: the worker owns the request path's recorders (`dataplane.observability`): metrics
+(prepared for each config once it applied, served on the metrics port), tracing (OTLP, started when
+serving, flushed on drain) and the access log (stdout, a file or off; closed on drain).
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from dataplane.config.compile import compile_config
 from dataplane.config.model import RuntimeConfig
 from dataplane.http.server import ProxyServer
 from dataplane.metrics import WorkerMetrics
+from dataplane.observability.access_log import AccessLog, FileSink, StreamSink
+from dataplane.observability.request import Observability
+from dataplane.observability.settings import Protocol, SamplerKind, TracingSettings, traces_endpoint
+from dataplane.observability.tracing import Tracing
 from dataplane.policy.jwks_refresh import JwksRefreshClient
 from dataplane.policy.token_review import TokenReviewClient
 from dataplane.xds.client import AdsClient, AdsSettings
@@ -51,6 +59,31 @@ class WorkerSettings:
     drain_timeout: float = 15.0
     # Set by `agentgate run`: the parent holds our stdin; EOF means it is gone.
     stop_on_stdin_close: bool = False
+    # Tracing: None means "as the OTEL_* environment says" (off without an endpoint).
+    otlp_endpoint: str | None = None
+    otlp_protocol: Literal["grpc", "http"] | None = None
+    trace_sampling: float | None = None
+    # "stdout", "off" or a file path (each worker needs its own file).
+    access_log: str = "stdout"
+
+    def tracing_settings(self, environ: dict[str, str] | None = None) -> TracingSettings:
+        """OTEL_* settings with the flags on top: --otlp-endpoint is the collector's base URL (http/protobuf
+        gets /v1/traces appended unless given), --trace-sampling a parent-based ratio. Raises
+        TracingSettingsError naming the bad value."""
+        overrides: dict[str, object] = {}
+        base = TracingSettings.from_env(environ)
+        protocol = base.protocol
+        if self.otlp_protocol is not None:
+            protocol = overrides["protocol"] = Protocol.GRPC if self.otlp_protocol == "grpc" else Protocol.HTTP_PROTOBUF
+        if self.otlp_endpoint is not None:
+            endpoint = self.otlp_endpoint
+            if protocol is Protocol.HTTP_PROTOBUF and not endpoint.rstrip("/").endswith("/v1/traces"):
+                endpoint = traces_endpoint(endpoint, protocol)
+            overrides["endpoint"] = endpoint
+        if self.trace_sampling is not None:
+            overrides["sampler"] = SamplerKind.PARENT_BASED_TRACE_ID_RATIO
+            overrides["ratio"] = self.trace_sampling
+        return TracingSettings.from_env(environ, **overrides) if overrides else base
 
     def resolved_node_id(self) -> str:
         return self.node_id or f"{socket.gethostname()}.{os.getpid()}"
@@ -59,8 +92,18 @@ class WorkerSettings:
 class Worker:
     def __init__(self, settings: WorkerSettings, proxy: ProxyServer | None = None) -> None:
         self.settings = settings
-        self.metrics = WorkerMetrics()
+        self.metrics = WorkerMetrics(gateway=settings.gateway)
         self.proxy = proxy or ProxyServer()
+        self.tracing = Tracing(settings.tracing_settings())
+        self.access_log: AccessLog | None = None
+        if settings.access_log != "off":
+            sink = StreamSink() if settings.access_log == "stdout" else FileSink(settings.access_log)
+            self.access_log = AccessLog(sink, on_drop=self.metrics.access_log_dropped.inc)
+        handler = self.proxy._handler  # the server's forwarding logic (dataplane/http/server.py)
+        handler.observability = Observability(
+            gateway=settings.gateway, tracing=self.tracing, metrics=self.metrics, access_log=self.access_log
+        )
+        handler.mcp.sessions.metrics = self.metrics
         self.ads = AdsClient(
             AdsSettings(
                 target=settings.xds,
@@ -90,6 +133,8 @@ class Worker:
         config = compile_config(resources, version=version)
         await self.proxy.apply(config)
         self.config = config
+        # Only an applied config changes what is exported (a NACKed one must not).
+        self.metrics.prepare(config)
 
     def _after_update(self) -> None:
         """Called by the ADS client after each handled response."""
@@ -113,10 +158,16 @@ class Worker:
             return AdminResponse.text(503, f"not ready: waiting for {', '.join(missing)} from {self.settings.xds}")
         return AdminResponse.text(200, "ready")
 
+    def _liveness(self) -> AdminResponse:
+        """Alive while the event loop answers: readiness says whether to send traffic, this whether to restart."""
+        return AdminResponse.text(200, "draining" if self.draining else "alive")
+
     async def handle_readiness(self, request: AdminRequest) -> AdminResponse:
         if request.path in ("/healthz/ready", "/ready"):
             return self._readiness()
-        return AdminResponse.text(404, "not found: try /healthz/ready")
+        if request.path == "/healthz/live":
+            return self._liveness()
+        return AdminResponse.text(404, "not found: try /healthz/ready or /healthz/live")
 
     async def handle_metrics(self, request: AdminRequest) -> AdminResponse:
         if request.path in ("/metrics", "/stats/prometheus"):
@@ -126,6 +177,8 @@ class Worker:
     async def handle_admin(self, request: AdminRequest) -> AdminResponse:
         if request.path in ("/healthz/ready", "/ready"):
             return self._readiness()
+        if request.path == "/healthz/live":
+            return self._liveness()
         if request.path == "/config_dump":
             return AdminResponse(200, json.dumps(self.config_dump(), indent=2).encode(), "application/json")
         if request.path == "/logging":
@@ -138,8 +191,12 @@ class Worker:
             log.info("log level changed", level=level)
             return AdminResponse.text(200, f"level {level}")
         if request.path == "/":
-            return AdminResponse.text(200, "endpoints: /config_dump /healthz/ready POST /logging?level=")
-        return AdminResponse.text(404, "not found: try /config_dump, /healthz/ready or POST /logging?level=")
+            return AdminResponse.text(
+                200, "endpoints: /config_dump /healthz/ready /healthz/live POST /logging?level="
+            )
+        return AdminResponse.text(
+            404, "not found: try /config_dump, /healthz/ready, /healthz/live or POST /logging?level="
+        )
 
     def config_dump(self) -> dict[str, object]:
         """The applied config and what the control plane last told us, as JSON."""
@@ -165,8 +222,25 @@ class Worker:
     # --- lifecycle -----------------------------------------------------------------------
     async def run(self, *, stop: anyio.Event | None = None) -> None:
         """Serve until SIGTERM/SIGINT (or `stop`), then drain in-flight requests and return."""
-        settings = self.settings
         stop = stop or anyio.Event()
+        self.tracing.start()
+        if self.access_log is not None:
+            self.access_log.start()
+        try:
+            await self._serve(stop)
+        finally:
+            with anyio.CancelScope(shield=True):
+                await self._close_observability()
+
+    async def _close_observability(self) -> None:
+        """Export the spans still queued (bounded) and write the access-log lines still queued."""
+        await self.tracing.shutdown(grace=5.0)
+        access_log = self.access_log
+        if access_log is not None:
+            await anyio.to_thread.run_sync(access_log.close)
+
+    async def _serve(self, stop: anyio.Event) -> None:
+        settings = self.settings
         async with anyio.create_task_group() as tg:
             for name, host, port, handler in (
                 ("admin", settings.admin_host, settings.admin_port, self.handle_admin),
@@ -184,6 +258,7 @@ class Worker:
             if settings.stop_on_stdin_close:
                 tg.start_soon(self._watch_stdin, stop)
             log.info("worker started", gateway=settings.gateway, xds=settings.xds, node_id=self.ads.settings.node_id,
+                     tracing=self.tracing.settings.endpoint or "off", access_log=settings.access_log,
                      **{f"{k}_port": v for k, v in self.admin_ports.items()})
             await stop.wait()
             self.draining = True

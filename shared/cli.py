@@ -33,15 +33,35 @@ def _run(main: Callable[..., Awaitable[object]], *args: object) -> None:
 def cmd_controlplane(args: argparse.Namespace) -> int:
     from controlplane.app import ControlPlane, ControlPlaneSettings
     from controlplane.jwks import JwksFetcher
+    from controlplane.sources.kubernetes import KubernetesSourceSettings
     from controlplane.token_review import KubeApiConfig
 
     if args.jwks_refresh <= 0 or args.jwks_min_refresh < 0:
         print("agentgate controlplane: --jwks-refresh must be > 0 and --jwks-min-refresh >= 0", file=sys.stderr)
         return 2
+    if (args.config is None) == (not args.kubernetes):
+        print("agentgate controlplane: give exactly one of --config DIR and --kubernetes", file=sys.stderr)
+        return 2
+    if not args.kubernetes and (args.namespace or args.secret_selector):
+        print("agentgate controlplane: --namespace and --secret-selector need --kubernetes", file=sys.stderr)
+        return 2
+    if args.debounce < 0:
+        print("agentgate controlplane: --debounce must be >= 0", file=sys.stderr)
+        return 2
+    kube_api = KubeApiConfig.detect(args.kubeconfig)
+    kubernetes = None
+    if args.kubernetes:
+        if kube_api is None:
+            print("agentgate controlplane: --kubernetes needs --kubeconfig PATH, or running in a pod",
+                  file=sys.stderr)
+            return 2
+        kubernetes = KubernetesSourceSettings(
+            namespace=args.namespace or None, debounce=args.debounce, secret_selector=args.secret_selector
+        )
     jwks = JwksFetcher(refresh_interval=args.jwks_refresh, min_refresh_interval=args.jwks_min_refresh)
     settings = ControlPlaneSettings(
-        config_dir=Path(args.config), xds_address=args.xds_address, metrics_host=args.metrics_host,
-        metrics_port=args.metrics_port, kube_api=KubeApiConfig.detect(args.kubeconfig),
+        config_dir=Path(args.config) if args.config is not None else None, xds_address=args.xds_address,
+        metrics_host=args.metrics_host, metrics_port=args.metrics_port, kube_api=kube_api, kubernetes=kubernetes,
     )
 
     async def main() -> None:
@@ -56,7 +76,39 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_observability(parser: argparse.ArgumentParser) -> None:
+    """The worker's tracing and access-log flags (dataplane and run)."""
+    parser.add_argument(
+        "--otlp-endpoint", default=None, metavar="URL",
+        help="OTLP collector for traces, e.g. http://127.0.0.1:4317 (grpc) or http://127.0.0.1:4318 (http); "
+        "default OTEL_EXPORTER_OTLP_[TRACES_]ENDPOINT, tracing off without one",
+    )
+    parser.add_argument(
+        "--otlp-protocol", choices=["grpc", "http"], default=None,
+        help="OTLP transport (default OTEL_EXPORTER_OTLP_PROTOCOL, else http)",
+    )
+    parser.add_argument(
+        "--trace-sampling", type=_ratio, default=None, metavar="RATIO",
+        help="share of new traces recorded, 0..1 (parent-based; default OTEL_TRACES_SAMPLER[_ARG], else 1)",
+    )
+    parser.add_argument(
+        "--access-log", default="stdout", metavar="stdout|off|PATH",
+        help="one JSON line per request: to stdout, nowhere, or a file rotated by size",
+    )
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"{text} is not within [0, 1]")
+    return value
+
+
 def cmd_dataplane(args: argparse.Namespace) -> int:
+    from dataplane.observability.settings import TracingSettingsError
     from dataplane.worker import Worker, WorkerSettings
 
     if args.gateway.count("/") != 1 or not all(args.gateway.split("/")):
@@ -66,9 +118,15 @@ def cmd_dataplane(args: argparse.Namespace) -> int:
         xds=args.xds, gateway=args.gateway, node_id=args.node_id, xds_mode=args.xds_mode,
         admin_host=args.admin_host, stats_host=args.stats_host, admin_port=args.admin_port,
         metrics_port=args.metrics_port, readiness_port=args.readiness_port, drain_timeout=args.drain_timeout,
-        stop_on_stdin_close=args.stop_on_stdin_close,
+        stop_on_stdin_close=args.stop_on_stdin_close, otlp_endpoint=args.otlp_endpoint,
+        otlp_protocol=args.otlp_protocol, trace_sampling=args.trace_sampling, access_log=args.access_log,
     )
-    _run(Worker(settings).run)
+    try:
+        worker = Worker(settings)
+    except TracingSettingsError as exc:
+        print(f"agentgate dataplane: tracing: {exc}", file=sys.stderr)
+        return 2
+    _run(worker.run)
     return 0
 
 
@@ -84,6 +142,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         admin_port=args.admin_port, metrics_port=args.metrics_port, readiness_port=args.readiness_port,
         controlplane_metrics_port=args.controlplane_metrics_port, xds_mode=args.xds_mode,
         drain_timeout=args.drain_timeout, log_level=args.log_level, kube_api=KubeApiConfig.detect(args.kubeconfig),
+        otlp_endpoint=args.otlp_endpoint, otlp_protocol=args.otlp_protocol, trace_sampling=args.trace_sampling,
+        access_log=args.access_log,
     )
     _run(EmbeddedGateway(settings).run)
     return 0
@@ -99,8 +159,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="agentgate", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
 
-    cp = sub.add_parser("controlplane", help="serve config from a folder of Gateway API YAML over xDS (ADS)")
-    cp.add_argument("--config", required=True, help="folder of Kubernetes-style YAML, watched for changes")
+    cp = sub.add_parser(
+        "controlplane", help="serve config from a folder of Gateway API YAML, or a cluster, over xDS (ADS)"
+    )
+    cp.add_argument("--config", default=None, metavar="DIR", help="folder of Kubernetes-style YAML, watched")
+    cp.add_argument(
+        "--kubernetes", action="store_true",
+        help="watch Gateway API objects and agentgate.dev CRDs in the Kubernetes API (of --kubeconfig, or in-cluster)",
+    )
+    cp.add_argument("--namespace", default="", help="with --kubernetes: watch this namespace only")
+    cp.add_argument(
+        "--secret-selector", default="", metavar="LABELS",
+        help="with --kubernetes: watch only Secrets with these labels (e.g. agentgate.dev/config=true)",
+    )
+    cp.add_argument("--debounce", type=float, default=0.1, help="with --kubernetes: seconds to gather changes")
     cp.add_argument("--xds-address", default=f"0.0.0.0:{DEFAULT_XDS_PORT}", help="gRPC discovery/debug address")
     cp.add_argument("--metrics-host", default="0.0.0.0")
     cp.add_argument("--metrics-port", type=int, default=9978, help="Prometheus /metrics and /status; -1 disables")
@@ -111,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     cp.add_argument(
         "--kubeconfig", default=None, metavar="PATH",
-        help="Kubernetes API for service-account TokenReviews (default: in-cluster when run in a pod)",
+        help="Kubernetes API for --kubernetes and TokenReviews (default: in-cluster when run in a pod)",
     )
     _add_common(cp)
     cp.set_defaults(func=cmd_controlplane)
@@ -128,6 +200,7 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--readiness-port", type=int, default=15021, help="/healthz/ready; -1 disables")
     dp.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to finish in-flight requests on SIGTERM")
     dp.add_argument("--stop-on-stdin-close", action="store_true", help=argparse.SUPPRESS)
+    _add_observability(dp)
     _add_common(dp)
     dp.set_defaults(func=cmd_dataplane)
 
@@ -146,6 +219,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--kubeconfig", default=None, metavar="PATH",
         help="Kubernetes API for service-account TokenReviews (default: in-cluster when run in a pod)",
     )
+    _add_observability(run)
     _add_common(run)
     run.set_defaults(func=cmd_run)
 

@@ -28,6 +28,7 @@ async def print_status(target: str, gateway: str = "", as_json: bool = False) ->
         states = {t.type_url: t.state for t in proxy.types}
         row = " ".join(f"{states.get(t, '-'):>10}" for t in TYPE_ORDER)
         print(f"{proxy.node_id:40} {proxy.gateway:28} {proxy.stream_kind:6} {row}")
+        print("  " + _versions(proxy))
         for t in proxy.types:
             if t.last_nack.message:
                 print(f"  NACK {short_name(t.type_url)} version {t.last_nack.version}: {t.last_nack.message}")
@@ -36,3 +37,11 @@ async def print_status(target: str, gateway: str = "", as_json: bool = False) ->
     return 0
 
 
+def _versions(proxy: debug_pb2.ProxyStatus) -> str:
+    """The config versions a proxy acked, against the snapshot: one figure when every type acked it."""
+    acked = {short_name(t.type_url): t.acked_version or "-" for t in proxy.types}
+    snapshot = proxy.snapshot_version or "-"
+    if acked and all(version == snapshot for version in acked.values()):
+        return f"snapshot {snapshot}, acked by every type"
+    listed = " ".join(f"{name}={version}" for name, version in acked.items())
+    return f"snapshot {snapshot}, acked {listed or 'nothing yet'}"

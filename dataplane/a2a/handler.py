@@ -36,7 +36,9 @@ timeouts, retries). The handler decides what to send and what the client gets ba
   namespaces.
 - **Logs**: one ``a2a request`` line per request: agent, ``A2aCall.log_fields()``, binding, the task
   id, context id and last task state seen (request, JSON result or stream), events relayed, status and
-  duration.
+  duration. The request's access record (``a2a`` section) carries method, task, context and state too;
+  this line stays in the application log (stderr), which is another stream than the access log, so each
+  log still has one line per request.
 """
 
 from __future__ import annotations
@@ -83,10 +85,12 @@ from dataplane.config.model import RuntimeConfig, UpstreamCluster
 from dataplane.http.errors import GatewayTimeout, ProxyError
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
 from dataplane.mcp.jsonrpc import decode_json
+from dataplane.observability.metrics import CallOutcome
 from dataplane.policy.authorize import RuleKind, a2a_variables
 from shared.logging import get_logger
 
 if TYPE_CHECKING:
+    from dataplane.observability.request import RequestTelemetry
     from dataplane.policy.chain import Admitted
 
 log = get_logger("dataplane.a2a")
@@ -193,6 +197,8 @@ class A2aRequest:
     query: str
     public_prefix: str
     admitted: Admitted | None
+    # The request's span, access record and metrics (None: not observed, as in handler tests).
+    telemetry: RequestTelemetry | None = None
 
 
 class _BufferedBody:
@@ -202,6 +208,10 @@ class _BufferedBody:
 
     def __init__(self, data: bytes) -> None:
         self._data = data
+
+    def take_complete(self) -> bytes | None:
+        data, self._data = self._data, b""
+        return data
 
     async def read(self) -> bytes:
         data, self._data = self._data, b""
@@ -380,6 +390,9 @@ class A2aHandler:
             await self._serve(a2a, sink, forward, outcome)
         finally:
             self._log(a2a, outcome, began)
+            telemetry = a2a.telemetry
+            if telemetry is not None:
+                self._observe(a2a, outcome, telemetry, time.monotonic() - began)
 
     async def _serve(self, a2a: A2aRequest, sink: ResponseSink, forward: Forward, outcome: _Outcome) -> None:
         request, agent = a2a.request, a2a.agent
@@ -531,6 +544,13 @@ class A2aHandler:
         """Forward through the proxy; True when the answer is in ``answer`` (captured or already relayed),
         False when this ended the exchange (an error answered, or a stream closed with its error event)."""
         agent = a2a.agent
+        telemetry = a2a.telemetry
+        if telemetry is not None and telemetry.span.recording:
+            call = outcome.call
+            telemetry.upstream_call = telemetry.span.a2a_span(
+                call.method if call is not None else "GetAgentCard", task_id=outcome.task_id or None, agent=agent.name,
+                backend=agent.cluster.name,
+            )  # fmt: skip
         try:
             await forward(a2a.request, answer)
             return True
@@ -560,6 +580,36 @@ class A2aHandler:
             return False
         await _answer(answer.client, outcome, error)
         return False
+
+    @staticmethod
+    def _observe(a2a: A2aRequest, outcome: _Outcome, telemetry: RequestTelemetry, duration: float) -> None:
+        """The call into the request's access record, its server span and the A2A metrics."""
+        relay = outcome.relay
+        if relay is not None:
+            outcome.task_id = relay.task_id or outcome.task_id
+            outcome.context_id = relay.context_id or outcome.context_id
+            outcome.state = relay.last_state or outcome.state
+        call = outcome.call
+        record = telemetry.record
+        if call is not None:
+            record.a2a_method = call.method
+        elif outcome.card_path:
+            record.a2a_method = "card"
+        record.a2a_task = outcome.task_id
+        record.a2a_context = outcome.context_id
+        record.a2a_state = outcome.state
+        agent = a2a.agent
+        if call is not None:
+            telemetry.span.set_a2a(call.method, task_id=outcome.task_id or None, agent=agent.name)
+        upstream_call = telemetry.upstream_call
+        if upstream_call is not None:  # ended by the forwarding path unless it never got that far
+            upstream_call.end(outcome.status or None, reason="ok" if not outcome.error else "upstream_error")
+        metrics = telemetry.metrics
+        if metrics is not None and call is not None:
+            denied = outcome.status == 403
+            failed = bool(outcome.error) or outcome.status >= 400
+            result = CallOutcome.DENIED if denied else CallOutcome.ERROR if failed else CallOutcome.OK
+            metrics.record_a2a(agent.cluster.name, call.operation.value, outcome=result, duration=duration)
 
     @staticmethod
     def _log(a2a: A2aRequest, outcome: _Outcome, began: float) -> None:

@@ -11,6 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import math
+import time
+from collections.abc import Mapping
+from typing import Final
 
 import anyio
 
@@ -20,6 +23,7 @@ from dataplane.config.model import RuntimeConfig, UpstreamCluster, UpstreamTarge
 from dataplane.config.policy import EMPTY_POLICY, EffectivePolicy, ResilienceSettings
 from dataplane.http.errors import (
     BackendUnavailable,
+    ClientGone,
     GatewayTimeout,
     NoBackend,
     NoRoute,
@@ -30,16 +34,23 @@ from dataplane.http.errors import (
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
 from dataplane.llm.metering import Charge, MeteredSink
+from dataplane.llm.usage import TokenUsage
 from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
 from dataplane.mcp.modern import ModernEndpoint
-from dataplane.policy.chain import Admitted, PolicyTable, Refused, WorkerPolicies
+from dataplane.observability.metrics import RequestReason, refusal_reason
+from dataplane.observability.request import Observability, RequestTelemetry
+from dataplane.observability.tracing import NOOP_CLIENT_SPAN, NOOP_SERVER_SPAN, ClientSpan
+from dataplane.policy.chain import Admitted, PolicyTable, Refused, RequestPolicy, WorkerPolicies
 from dataplane.policy.cors import CorsPolicy, is_preflight
 from dataplane.policy.forwarding import ForwardPolicy, forward_policy
+from dataplane.policy.ratelimit import DecisionReason
 from dataplane.policy.resilience import REPLAY_BODY_CAP, ReplayableBody, RetryState, failure_kind, next_target
 from dataplane.routing.match import BackendChoice, CompiledRoute, RouteMatch
 from dataplane.upstream.exchange import Exchange, UpstreamRequest
-from dataplane.upstream.pool import Pool, UpstreamPools
+from dataplane.upstream.pool import Http1Pool, Pool, UpstreamPools
+from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.logging import get_logger
+from shared.resources import ROUTE
 
 log = get_logger("dataplane.proxy")
 
@@ -47,6 +58,29 @@ _METHOD_NAMES: dict[bytes, str] = {
     name.encode(): name for name in ("GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE")
 }
 _TEXT_PLAIN = (b"content-type", b"text/plain; charset=utf-8")
+
+# ProxyError.kind -> the metric reason (anything else is an upstream error).
+_ERROR_REASONS: Final[Mapping[str, RequestReason]] = {
+    "no_route": RequestReason.NOT_FOUND,
+    "no_backend": RequestReason.NO_BACKEND,
+    "backend_unavailable": RequestReason.NO_BACKEND,
+    "pool_exhausted": RequestReason.NO_BACKEND,
+    "unsupported": RequestReason.BAD_REQUEST,
+    "upstream_connect_failed": RequestReason.UPSTREAM_CONNECT,
+    "timeout": RequestReason.TIMEOUT,
+    "upstream_connect_timeout": RequestReason.TIMEOUT,
+}
+
+
+def error_reason(exc: ProxyError) -> RequestReason:
+    """The metric reason of a proxy failure."""
+    return _ERROR_REASONS.get(exc.kind, RequestReason.UPSTREAM_ERROR)
+
+
+def _provider_name(backend: str) -> str:
+    """A GenAI provider label from a backend name ("default/openai" -> "openai") until the LLM gateway
+    knows the provider itself."""
+    return backend.rpartition("/")[2].lower()
 
 
 def _primary(group: BaseExceptionGroup) -> BaseException:
@@ -74,11 +108,12 @@ async def send_error(sink: ResponseSink, status: int, message: str) -> None:
 class _Progress:
     """What the forwarding of one request has finished, so cleanup knows what to abort."""
 
-    __slots__ = ("request_done", "response_done")
+    __slots__ = ("request_done", "response_done", "status")
 
     def __init__(self, request_done: bool) -> None:
         self.request_done = request_done
         self.response_done = False
+        self.status: int | None = None  # the upstream's response status, once its head arrived
 
 
 class _HeadEditingSink:
@@ -104,6 +139,20 @@ class _HeadEditingSink:
 
     def abort(self) -> None:
         self._sink.abort()
+
+
+class _ObservedSink(_HeadEditingSink):
+    """Notes the status answered downstream (for the request's metrics, span and log line)."""
+
+    __slots__ = ("status",)
+
+    def __init__(self, sink: ResponseSink) -> None:
+        super().__init__(sink)
+        self.status = 0
+
+    async def start(self, status: int, headers: Headers, content_length: int | None, body: bytes, end: bool) -> None:
+        self.status = status
+        await self._sink.start(status, headers, content_length, body, end)
 
 
 class _ExtraHeadersSink(_HeadEditingSink):
@@ -152,6 +201,10 @@ class ProxyHandler:
         self.policies = WorkerPolicies()
         # A2A agents (card rewriters, header values) are built with each config, like its policies.
         self.a2a = A2aHandler()
+        # Metrics, traces and the access log (the worker sets its recorders; all off by default).
+        self.observability = Observability()
+        # (bind, route) -> the listener name the route lists for that bind (metrics and log label).
+        self._listener_names: dict[tuple[tuple[str, int], str], str] = {}
         self._config = RuntimeConfig.empty()
         self._policy_table = self.policies.compile(self._config)
         if config is not None:
@@ -177,6 +230,7 @@ class ProxyHandler:
         table = self.policies.compile(config)
         self.a2a.apply(config)
         self.policies.activate(table)
+        self._listener_names = _listener_names(config)
         self._policy_table = table
         self._config = config
 
@@ -193,14 +247,29 @@ class ProxyHandler:
 
     async def handle(self, request: ProxyRequest, sink: ResponseSink) -> None:
         """Serve one request. Raises only ClientGone (and cancellation): everything else is
-        answered here."""
+        answered here. Records it once (metric, span, access-log line) however it ends."""
         config = self.config
+        observability = self.observability
+        telemetry = observability.begin(request)
+        observed = _ObservedSink(sink)
         try:
-            await self._serve(config, request, sink)
+            await self._serve(config, request, observed, telemetry)
         except ProxyError as exc:
-            await self._fail(request, sink, exc.status, exc.message, exc.kind)
+            telemetry.fail(error_reason(exc), exc.kind)
+            await self._fail(request, observed, exc.status, exc.message, exc.kind)
         except RequestRejected as exc:
-            await self._fail(request, sink, exc.status, exc.reason, "bad_request")
+            telemetry.fail(RequestReason.BAD_REQUEST, "bad_request")
+            await self._fail(request, observed, exc.status, exc.reason, "bad_request")
+        except ClientGone:
+            telemetry.fail(RequestReason.CLIENT_CLOSED)
+            raise
+        except BaseException as exc:
+            # Cancellation: the connection is closing (the client went or the worker stops).
+            cancelled = isinstance(exc, anyio.get_cancelled_exc_class())
+            telemetry.fail(RequestReason.CLIENT_CLOSED if cancelled else RequestReason.INTERNAL_ERROR)
+            raise
+        finally:
+            observability.finish(telemetry, observed.status)
 
     async def _fail(self, request: ProxyRequest, sink: ResponseSink, status: int, message: str, kind: str) -> None:
         if status >= 500:
@@ -219,7 +288,9 @@ class ProxyHandler:
             return
         await send_error(sink, status, message)
 
-    async def _serve(self, config: RuntimeConfig, request: ProxyRequest, sink: ResponseSink) -> None:
+    async def _serve(
+        self, config: RuntimeConfig, request: ProxyRequest, sink: ResponseSink, telemetry: RequestTelemetry
+    ) -> None:
         method_bytes = request.method
         if method_bytes == b"CONNECT":
             raise UnsupportedRequest("CONNECT is not supported by this proxy")
@@ -238,6 +309,8 @@ class ProxyHandler:
             raise BackendUnavailable(
                 f"listener {request.listener_key[0]}:{request.listener_key[1]} is no longer configured"
             )
+        if group.listener_names:
+            telemetry.record.listener = group.listener_names[0]  # until a route names its own
         table = self._policy_table
         if table.config is not config:  # cannot happen (no await since `handle` read the config): never mix
             table = self.policies.compile(config)
@@ -250,10 +323,39 @@ class ProxyHandler:
         match = group.route_table.match(authority, path, query, method, HeaderView(request.headers))
         if match is None:
             raise NoRoute(f"no route for {method} {authority}{path}")
-        await self._dispatch(request, sink, match, authority, path, query, table)
+        listener = self._listener_names.get((request.listener_key, match.route.name), telemetry.record.listener)
+        telemetry.routed(listener, match.route.name, "")
+        await self._dispatch(request, sink, match, authority, path, query, table, telemetry)
 
-    async def _refuse(self, request: ProxyRequest, sink: ResponseSink, refused: Refused) -> None:
+    def _observe_policy(
+        self, telemetry: RequestTelemetry, policy: RequestPolicy, outcome: Admitted | Refused
+    ) -> None:
+        """The chain's authorization, limit and budget decisions into the metrics and the access record."""
+        metrics = self.observability.metrics
+        decision = outcome.decision
+        if decision is not None:
+            rule = decision.rule
+            name = rule.policy if rule is not None else (policy.policies[0] if policy.policies else "")
+            telemetry.record.note_decision(
+                decision.allowed, name, f"{rule.kind.value}[{rule.index}]" if rule is not None else ""
+            )
+            if metrics is not None:
+                metrics.record_authorization(name, allowed=decision.allowed)
+        if metrics is None:
+            return
+        for limit in outcome.limits:
+            metrics.record_rate_limit(
+                limit.policy, allowed=limit.allowed, store_down=limit.reason is DecisionReason.STORE_DOWN
+            )
+        budgets = outcome.budgets if type(outcome) is Admitted else (outcome.budget,) if outcome.budget else ()
+        for budget in budgets:
+            metrics.record_budget(budget.policy, remaining=budget.remaining, limit=budget.limit, reset=budget.reset)
+
+    async def _refuse(
+        self, request: ProxyRequest, sink: ResponseSink, refused: Refused, telemetry: RequestTelemetry
+    ) -> None:
         """Answer a request the policy chain refused (401, 403, 429, 503, or 500 failing closed)."""
+        telemetry.fail(refusal_reason(refused.reason, refused.status), refused.reason)
         if refused.status >= 500:
             log.warning(
                 "request refused by policy",
@@ -277,6 +379,7 @@ class ProxyHandler:
         path: str,
         query: str,
         table: PolicyTable,
+        telemetry: RequestTelemetry,
     ) -> None:
         route = match.route
         status = route.direct_response_status
@@ -285,9 +388,11 @@ class ProxyHandler:
             policy = table.lookup(request, route.name, "")
             if policy is not None and not policy.idle:
                 outcome = await policy.evaluate(request)
+                self._observe_policy(telemetry, policy, outcome)
                 if isinstance(outcome, Refused):
-                    await self._refuse(request, sink, outcome)
+                    await self._refuse(request, sink, outcome, telemetry)
                     return
+                telemetry.identified(outcome.identity)
                 if outcome.response_headers:
                     sink = _ExtraHeadersSink(sink, outcome.response_headers)
         if status:
@@ -311,6 +416,8 @@ class ProxyHandler:
         cluster = choice.cluster
         if cluster is None:
             raise BackendUnavailable(f"route {route.name}: backend {choice.name} is not in the configuration")
+        telemetry.record.backend = choice.name
+        telemetry.span.set_backend(choice.name)
         # The policy chain: CORS preflight (answered before authentication: browsers send it without
         # credentials), then authentication, identity headers, authorization, limits, budgets.
         policy = table.lookup(request, route.name, choice.name)
@@ -332,9 +439,11 @@ class ProxyHandler:
                 return
             if not policy.idle:
                 outcome = await policy.evaluate(request)
+                self._observe_policy(telemetry, policy, outcome)
                 if isinstance(outcome, Refused):
-                    await self._refuse(request, sink, outcome)
+                    await self._refuse(request, sink, outcome, telemetry)
                     return
+                telemetry.identified(outcome.identity)
                 request.headers = outcome.headers
                 admitted = outcome
                 caller = outcome.mcp
@@ -345,10 +454,10 @@ class ProxyHandler:
         timeout = route.request_timeout
         if cluster.kind == "mcp" and cluster.mcp is not None:
             # The endpoint bounds each MCP request by the route's timeout itself: its GET streams outlive it.
-            await self.mcp.handle(request, sink, cluster, timeout, caller)
+            await self.mcp.handle(request, sink, cluster, timeout, caller, telemetry=telemetry)
             return
         if cluster.kind == "a2a" and cluster.a2a is not None:
-            await self._serve_a2a(request, sink, match, choice, cluster, path, query, effective, admitted)
+            await self._serve_a2a(request, sink, match, choice, cluster, path, query, effective, admitted, telemetry)
             return
         if cluster.kind != "http":
             # Protocol-aware backends (MCP and A2A now; LLM later) need their own handler.
@@ -359,17 +468,35 @@ class ProxyHandler:
         metered: MeteredSink | None = None
         if charge is not None:
             sink = metered = MeteredSink(sink, charge, route=route.name)
+            began = time.perf_counter()
         try:
             if timeout is None:
-                await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
+                await self._forward(request, sink, match, choice, cluster, target, path, query, effective, telemetry)
                 return
             with anyio.move_on_after(timeout) as scope:
-                await self._forward(request, sink, match, choice, cluster, target, path, query, effective)
+                await self._forward(request, sink, match, choice, cluster, target, path, query, effective, telemetry)
             if scope.cancelled_caught:
                 raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
         finally:
             if metered is not None:  # however the response ended: charge what it reported, once
-                await metered.settle()
+                usage = await metered.settle()
+                if usage is not None:
+                    self._observe_usage(telemetry, choice.name, usage, time.perf_counter() - began)
+
+    def _observe_usage(self, telemetry: RequestTelemetry, backend: str, usage: TokenUsage, duration: float) -> None:
+        """Metered token usage into the GenAI metrics and the access record. Only the backend is known
+        here: it names the provider; the model is left to the LLM gateway."""
+        provider = _provider_name(backend)
+        record = telemetry.record
+        record.llm_provider = provider
+        record.llm_input_tokens = usage.input_tokens
+        record.llm_output_tokens = usage.output_tokens
+        metrics = self.observability.metrics
+        if metrics is not None:
+            metrics.record_llm(
+                provider, "chat", "", input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                duration=duration,
+            )  # fmt: skip
 
     async def _serve_a2a(
         self,
@@ -382,6 +509,7 @@ class ProxyHandler:
         query: str,
         policy: EffectivePolicy,
         admitted: Admitted | None,
+        telemetry: RequestTelemetry,
     ) -> None:
         """Hand the request to the A2A handler with this forwarding path (the route's rewrite, filters and
         timeouts, the policy's credential, CORS and resilience) as its way to the agent."""
@@ -398,14 +526,14 @@ class ProxyHandler:
             if target is None:
                 raise BackendUnavailable(f"backend {cluster.name} has no targets")
             if timeout is None:
-                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy)
+                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy, telemetry)
                 return
             with anyio.move_on_after(timeout) as scope:
-                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy)
+                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy, telemetry)
             if scope.cancelled_caught:
                 raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
 
-        a2a = A2aRequest(request, agent, upstream_path, query, prefix, admitted)
+        a2a = A2aRequest(request, agent, upstream_path, query, prefix, admitted, telemetry)
         await self.a2a.handle(a2a, sink, forward)
 
     async def _forward(
@@ -419,6 +547,7 @@ class ProxyHandler:
         path: str,
         query: str,
         policy: EffectivePolicy,
+        telemetry: RequestTelemetry,
     ) -> None:
         """Send the request upstream and relay the answer, under the effective policy's CORS, header
         modifiers, upstream credential, timeouts and retries (`policy`: EMPTY_POLICY when none applies)."""
@@ -458,13 +587,15 @@ class ProxyHandler:
         upstream = UpstreamRequest(
             request.method, upstream_target, authority, headers, request.body is not None, request.content_length
         )
-        reply = _Reply(route, choice, plan, request.headers)
+        reply = _Reply(route, choice, plan, request.headers, telemetry)
         if plan is not None and plan.resilience is not None:
             await self._forward_resilient(request, sink, cluster, target, upstream, reply, plan.resilience)
             return
         timeout = route.backend_timeout
         try:
-            await self._try(self.pools.get(cluster, target), upstream, request.body, sink, reply, timeout, None)
+            await self._try(
+                self.pools.get(cluster, target), target, upstream, request.body, sink, reply, timeout, None, 0
+            )
         except TimeoutError:
             raise GatewayTimeout(
                 f"backend {cluster.name} ({target.authority}) sent no response within {timeout:g}s "
@@ -523,7 +654,8 @@ class ProxyHandler:
                 try_body = replay.reader() if replay is not None else body
                 try:
                     delay = await self._try(
-                        self.pools.get(cluster, target), upstream, try_body, sink, reply, timeout, retries
+                        self.pools.get(cluster, target), target, upstream, try_body, sink, reply, timeout, retries,
+                        len(tried) - 1,
                     )
                     if delay is None:
                         return
@@ -563,18 +695,35 @@ class ProxyHandler:
     async def _try(
         self,
         pool: Pool,
+        target: UpstreamTarget,
         upstream: UpstreamRequest,
         body: BodySource | None,
         sink: ResponseSink,
         reply: _Reply,
         try_timeout: float | None,
         retries: RetryState | None,
+        attempt: int,
     ) -> float | None:
         """One try: send the request, await the response head within `try_timeout` (TimeoutError past
         it), relay the response. With `retries`, a 5xx the policy retries is dropped instead and the
-        backoff before the next try returned; None means the response was relayed."""
+        backoff before the next try returned; None means the response was relayed. Each try is a client
+        span of its own (its trace context in the upstream headers)."""
         progress = _Progress(request_done=body is None)
         exchange: Exchange | None = None
+        telemetry = reply.telemetry
+        telemetry.record.upstream_address = target.authority
+        call: ClientSpan = NOOP_CLIENT_SPAN
+        span = telemetry.span
+        if span is not NOOP_SERVER_SPAN:
+            preset = telemetry.upstream_call if attempt == 0 else None
+            call = preset if preset is not None else span.client_span(
+                method=upstream.method, backend=reply.choice.name, address=target.host, port=target.port,
+                path=upstream.target, attempt=attempt,
+            )  # fmt: skip
+            upstream = UpstreamRequest(
+                upstream.method, upstream.target, upstream.authority, call.inject_headers(upstream.headers),
+                upstream.has_body, upstream.content_length,
+            )  # fmt: skip
         try:
             if body is None:
                 if try_timeout is None:
@@ -584,6 +733,24 @@ class ProxyHandler:
                         exchange = await pool.exchange(upstream)
                 if retries is not None:
                     delay = self._retry_status(exchange, (await exchange.response()).status, retries, progress)
+                    if delay is not None:
+                        return delay
+                await self._relay(exchange, sink, reply, progress)
+                return None
+            whole = body.take_complete() if type(pool) is Http1Pool else None
+            if whole is not None:
+                # The whole body arrived with the head: head and body go upstream in one write,
+                # without a pump task (the common case for JSON-RPC and API calls).
+                progress.request_done = True
+                if try_timeout is None:
+                    exchange = await pool.open(upstream, whole)
+                    head = await exchange.response()
+                else:
+                    with anyio.fail_after(try_timeout):
+                        exchange = await pool.open(upstream, whole)
+                        head = await exchange.response()
+                if retries is not None:
+                    delay = self._retry_status(exchange, head.status, retries, progress)
                     if delay is not None:
                         return delay
                 await self._relay(exchange, sink, reply, progress)
@@ -610,14 +777,24 @@ class ProxyHandler:
             except BaseExceptionGroup as group:
                 raise _primary(group) from None
             return None
+        except BaseException as exc:
+            if call is not NOOP_CLIENT_SPAN:
+                reason = error_reason(exc) if isinstance(exc, ProxyError) else (
+                    RequestReason.TIMEOUT if isinstance(exc, TimeoutError) else RequestReason.CLIENT_CLOSED
+                )
+                call.end(progress.status, reason=reason.value, error=exc)
+            raise
         finally:
             if exchange is not None and not (progress.request_done and progress.response_done):
                 exchange.abort()
+            if call is not NOOP_CLIENT_SPAN:
+                call.end(progress.status, reason=RequestReason.OK.value)  # no-op when ended above
 
     @staticmethod
     def _retry_status(exchange: Exchange, status: int, retries: RetryState, progress: _Progress) -> float | None:
         """The backoff when a response of `status` is to be retried (the response is then dropped:
         a complete one leaves its connection reusable), else None."""
+        progress.status = status
         if status < 500:
             return None
         delay = retries.decide(status, asyncio.get_running_loop().time())
@@ -646,6 +823,7 @@ class ProxyHandler:
     async def _relay(exchange: Exchange, sink: ResponseSink, reply: _Reply, progress: _Progress) -> None:
         """Send the upstream response downstream, each piece as it arrives."""
         head = await exchange.response()
+        progress.status = head.status
         headers = downstream_response_headers(head.headers)
         choice = reply.choice
         if choice.response_headers is not None:
@@ -689,15 +867,36 @@ class _Reply:
     """What shapes the response of one request: the route's, backend's and policy's header edits,
     CORS (which reads the request's Origin) and the idle-stream bound."""
 
-    __slots__ = ("choice", "plan", "request_headers", "route")
+    __slots__ = ("choice", "plan", "request_headers", "route", "telemetry")
 
     def __init__(
-        self, route: CompiledRoute, choice: BackendChoice, plan: ForwardPolicy | None, headers: Headers
+        self,
+        route: CompiledRoute,
+        choice: BackendChoice,
+        plan: ForwardPolicy | None,
+        headers: Headers,
+        telemetry: RequestTelemetry,
     ) -> None:
         self.route = route
         self.choice = choice
         self.plan = plan
         self.request_headers = headers
+        self.telemetry = telemetry
+
+
+def _listener_names(config: RuntimeConfig) -> dict[tuple[tuple[str, int], str], str]:
+    """For each (bind, route) the first listener the Route resource lists on that bind: several listeners
+    may share a socket, and the request metrics are labelled by the name the route was attached through."""
+    bind_of = {name: bind for bind, group in config.listeners.items() for name in group.listener_names}
+    names: dict[tuple[tuple[str, int], str], str] = {}
+    for route_name, route in config.resources.get(ROUTE, {}).items():
+        if not isinstance(route, pb.Route):
+            continue
+        for listener in route.listeners:
+            bind = bind_of.get(listener)
+            if bind is not None:
+                names.setdefault((bind, route_name), listener)
+    return names
 
 
 class _IdleWatch:

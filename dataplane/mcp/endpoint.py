@@ -59,7 +59,7 @@ import asyncio
 import json
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import unquote
 
 from dataplane.config.model import UpstreamCluster
@@ -98,6 +98,11 @@ from dataplane.mcp.sessions import (
     StreamEvent,
     parse_event_id,
 )
+from dataplane.observability.metrics import CallOutcome
+
+if TYPE_CHECKING:
+    from dataplane.observability.request import RequestTelemetry
+    from dataplane.observability.tracing import ServerSpan
 from shared.logging import get_logger
 
 log = get_logger("dataplane.mcp.endpoint")
@@ -327,10 +332,13 @@ class McpEndpoint:
         cluster: UpstreamCluster,
         route_timeout: float | None = None,
         caller: CallerPolicy | None = None,
+        *,
+        telemetry: RequestTelemetry | None = None,
     ) -> None:
         """Answer one HTTP request for the MCP backend ``cluster``; ``route_timeout`` is the route's
         request timeout, which bounds requests but not the long-lived GET streams; ``caller`` the
-        policy chain's decision for this request (None: no MCP rules or limits apply)."""
+        policy chain's decision for this request (None: no MCP rules or limits apply); ``telemetry``
+        the request's span and access record (MCP method, target and tool are noted there)."""
         resilience = caller.resilience if caller is not None else None
         if route_timeout is None and resilience is not None and resilience.request_timeout is not None:
             route_timeout = bound = resilience.request_timeout  # the route's own timeout wins over the policy's
@@ -355,7 +363,7 @@ class McpEndpoint:
                     raise _Reject(405, message, extra=[(b"allow", b"POST")])
                 await self._legacy_post(request, sink, cluster, query, bound, caller)
             elif method == b"POST":
-                await self._post(request, sink, cluster, bound, route_timeout, caller)
+                await self._post(request, sink, cluster, bound, route_timeout, caller, telemetry)
             elif method == b"GET":
                 await self._get(request, sink, cluster, caller)
             elif method == b"DELETE":
@@ -375,6 +383,7 @@ class McpEndpoint:
         bound: float,
         route_timeout: float | None,
         caller: CallerPolicy | None,
+        telemetry: RequestTelemetry | None = None,
     ) -> None:
         settings = cluster.mcp
         assert settings is not None
@@ -387,12 +396,17 @@ class McpEndpoint:
         if isinstance(parsed, InvalidMessage):
             await _send_json(sink, 400, parsed.to_response())
             return
+        span = None
+        if telemetry is not None:
+            self._observe(telemetry, cluster, parsed)
+            span = telemetry.span
         token = found.get(b"mcp-session-id")
         version_header = found.get(b"mcp-protocol-version")
         if self.modern is not None and _is_modern(version_header, token, parsed):
             if caller is not None and isinstance(parsed, Request):
                 refusal = await self._admit(caller, cluster, parsed)
                 if refusal is not None:
+                    self._denied(cluster, parsed, telemetry)
                     await _send_refused_call(sink, parsed, refusal)
                     return
                 sink = _with_headers(sink, caller.response_headers)
@@ -407,7 +421,7 @@ class McpEndpoint:
                 )
                 await _send_json(sink, 400, refusal)
                 return
-            await self._initialize(sink, cluster, parsed, bound, caller)
+            await self._initialize(sink, cluster, parsed, bound, caller, span)
             return
         version = check_protocol_version(version_header, _SESSION_VERSIONS)
         if isinstance(version, HeaderError):
@@ -415,17 +429,49 @@ class McpEndpoint:
         session = await self._session(cluster, token)
         _attach(caller, session.federation)
         if not isinstance(parsed, Request):
-            await session.submit(parsed.raw)
+            await session.submit(parsed.raw, span=span)
             await sink.start(202, [(b"content-length", b"0")], 0, b"", True)
             return
         if caller is not None:
             refusal = await self._admit(caller, cluster, parsed)
             if refusal is not None:
+                self._denied(cluster, parsed, telemetry)
                 await _send_refused_call(sink, parsed, refusal)
                 return
             sink = _with_headers(sink, caller.response_headers)
         resilience = caller.resilience if caller is not None else None
-        await self._exchange(sink, session, parsed, bound, prime=version in _PRIMING_VERSIONS, resilience=resilience)
+        await self._exchange(
+            sink, session, parsed, bound, prime=version in _PRIMING_VERSIONS, resilience=resilience, span=span
+        )
+
+    def _observe(self, telemetry: RequestTelemetry, cluster: UpstreamCluster, parsed: Message) -> None:
+        """The MCP method, and the target and tool (or prompt, resource) it names, into the access record
+        and the server span."""
+        method = getattr(parsed, "method", None)
+        if not isinstance(method, str):
+            return
+        record = telemetry.record
+        record.mcp_method = method
+        key = _ITEM_PARAMS.get(method)
+        params = getattr(parsed, "params", None)
+        exposed = params.get(key) if key is not None and isinstance(params, dict) else None
+        if isinstance(exposed, str):
+            naming = self._naming(cluster)
+            hit = naming.split_uri(exposed) if key == "uri" else naming.split(exposed)
+            if hit is None:
+                hit = (naming.targets[0] if len(naming.targets) == 1 else "", exposed)
+            record.mcp_target, record.mcp_tool = hit
+        telemetry.span.set_mcp(method, tool=record.mcp_tool or None, target=record.mcp_target or None)
+
+    def _denied(self, cluster: UpstreamCluster, parsed: Request, telemetry: RequestTelemetry | None) -> None:
+        """A call the caller's policy refused never reaches a target: counted here, outcome denied."""
+        metrics = self.sessions.metrics
+        if metrics is None:
+            return
+        target = tool = ""
+        if telemetry is not None:
+            target, tool = telemetry.record.mcp_target, telemetry.record.mcp_tool
+        metrics.record_mcp(cluster.name, parsed.method, target, tool, tool_exists=True, outcome=CallOutcome.DENIED)
 
     def _naming(self, cluster: UpstreamCluster) -> Naming:
         entry = self._namings.get(cluster.name)
@@ -464,6 +510,7 @@ class McpEndpoint:
         parsed: Request,
         bound: float,
         caller: CallerPolicy | None,
+        span: ServerSpan | None = None,
     ) -> None:
         session = await self.sessions.create(cluster)
         _attach(caller, session.federation)
@@ -489,7 +536,9 @@ class McpEndpoint:
 
         try:
             resilience = caller.resilience if caller is not None else None
-            await self._exchange(sink, session, parsed, bound, prime=False, issue=issue, resilience=resilience)
+            await self._exchange(
+                sink, session, parsed, bound, prime=False, issue=issue, resilience=resilience, span=span
+            )
         finally:
             if not issued:
                 await session.aclose()
@@ -504,6 +553,7 @@ class McpEndpoint:
         prime: bool,
         issue: Issue | None = None,
         resilience: ResilienceSettings | None = None,
+        span: ServerSpan | None = None,
     ) -> None:
         """Submit one request, answered within ``bound`` seconds (its upstream attempts per the caller's
         ``resilience``), and answer it from its stream (see ``_answer``)."""
@@ -517,7 +567,7 @@ class McpEndpoint:
             return
         reader = session.attach(stream)
         try:
-            await session.submit(parsed.raw, resilience)
+            await session.submit(parsed.raw, resilience, span)
             await self._answer(sink, stream, reader, parsed.id, prime, issue)
         finally:
             # A client gone mid-stream may resume it: the session keeps it (and the request) for a while.

@@ -69,6 +69,8 @@ from dataplane.mcp.modern_channel import ModernTargetChannel, is_modern_only
 from dataplane.mcp.session import SessionClaims, SessionKeyring, SessionRejected, SessionTokenCodec
 from dataplane.mcp.sse_channel import LegacySseChannel
 from dataplane.mcp.stdio import SpawnBackoff, StdioChannel
+from dataplane.observability.metrics import CallOutcome, RequestReason, WorkerMetrics
+from dataplane.observability.tracing import NOOP_CLIENT_SPAN, ClientSpan, ServerSpan
 from shared.logging import get_logger
 
 log = get_logger("dataplane.mcp.sessions")
@@ -319,6 +321,11 @@ class FederatedSession:
     _initializing: dict[str, JSON] = field(default_factory=dict)  # initialize sent per target, until answered
     # Per-try timers of upstream attempts, cancelled when the session closes.
     _try_timers: set[asyncio.TimerHandle] = field(default_factory=set)
+    # Observability (see `_Attempt`): the worker's metrics, the span of the request being submitted, and
+    # the upstream requests in flight by (target, gateway id).
+    metrics: WorkerMetrics | None = None
+    _parent: ServerSpan | None = None
+    _attempts: dict[tuple[str, int], _Attempt] = field(default_factory=dict)
 
     # --- life cycle ---------------------------------------------------------------------------
     async def start(self, handshake: tuple[str, ...] = ()) -> None:
@@ -451,6 +458,9 @@ class FederatedSession:
         for timer in self._try_timers:
             timer.cancel()
         self._try_timers.clear()
+        for (name, _), attempt in list(self._attempts.items()):
+            self._end_attempt(name, attempt, CallOutcome.ERROR, RequestReason.CLIENT_CLOSED)
+        self._attempts.clear()
         for stream in (*self._requests, *self._streams.values()):
             stream.close()
         if self._funnel is not None:
@@ -600,13 +610,91 @@ class FederatedSession:
             )
         )
 
-    async def submit(self, message: JSON, resilience: ResilienceSettings | None = None) -> None:
+    async def submit(
+        self, message: JSON, resilience: ResilienceSettings | None = None, span: ServerSpan | None = None
+    ) -> None:
         """Hand one client message to the federation and carry out what it decides; ``resilience`` is
-        the caller's policy for a request (per-try timeout and retries of its upstream attempts)."""
+        the caller's policy for a request (per-try timeout and retries of its upstream attempts);
+        ``span`` the request's server span, parent of a client span per upstream request it causes."""
         self.last_used = time.monotonic()
         if message.get("method") == "notifications/cancelled":
             self._client_cancelled(message.get("params"))
-        self._act(self.federation.receive_from_client(message, resilience))
+        if span is not None and (span.recording or span.trace_id or self.metrics is not None):
+            self._parent = span
+        try:
+            self._act(self.federation.receive_from_client(message, resilience))
+        finally:
+            self._parent = None
+
+    # --- observability: one client span and one MCP metric per upstream request attempt -----------------
+    def _track(self, action: SendToTarget, parent: ServerSpan, attempt: int) -> None:
+        """Note an upstream request of ``action`` (not yet sent) as an attempt of the request of ``parent``."""
+        message = action.message
+        up_id = message.get("id")
+        if type(up_id) is int and "method" in message:
+            self._attempts[(action.target, up_id)] = _Attempt(parent, attempt)
+
+    def _sending(self, name: str, message: JSON) -> JSON:
+        """Start the attempt's span as its message goes out; the message with the span's W3C context in
+        ``params._meta`` (SEP-414: stdio targets have no headers; HTTP targets read it the same way)."""
+        up_id = message.get("id")
+        method = message.get("method")
+        attempt = self._attempts.get((name, up_id)) if type(up_id) is int and method is not None else None
+        if attempt is None:
+            return message
+        params = message.get("params")
+        attempt.method = method if isinstance(method, str) else ""
+        if attempt.method == "tools/call" and isinstance(params, dict) and isinstance(params.get("name"), str):
+            attempt.tool = params["name"]
+        attempt.started = time.perf_counter()
+        call = attempt.parent.mcp_span(
+            name, attempt.method, tool=attempt.tool or None, attempt=attempt.attempt,
+            stdio=isinstance(self.channels.get(name), _LazyStdio), request_id=up_id,
+        )  # fmt: skip
+        attempt.call = call
+        if call is NOOP_CLIENT_SPAN:
+            return message
+        return {**message, "params": call.inject_into_mcp_meta(params if isinstance(params, dict) else None)}
+
+    def _answered(self, name: str, message: JSON) -> None:
+        up_id = message.get("id")
+        if type(up_id) is int and self._attempts:
+            attempt = self._attempts.pop((name, up_id), None)
+            if attempt is not None:
+                failed = "error" in message
+                self._end_attempt(
+                    name, attempt, CallOutcome.ERROR if failed else CallOutcome.OK,
+                    RequestReason.UPSTREAM_ERROR if failed else RequestReason.OK,
+                )  # fmt: skip
+
+    def _failed(self, name: str, up_id: object, reason: RequestReason) -> _Attempt | None:
+        """An attempt that got no answer (failure, timeout): ended, and returned for its retry."""
+        attempt = self._attempts.pop((name, up_id), None) if type(up_id) is int else None
+        if attempt is not None:
+            self._end_attempt(name, attempt, CallOutcome.ERROR, reason)
+        return attempt
+
+    def _target_down(self, name: str, reason: RequestReason) -> None:
+        for key in [key for key in self._attempts if key[0] == name]:
+            self._end_attempt(name, self._attempts.pop(key), CallOutcome.ERROR, reason)
+
+    def _end_attempt(self, name: str, attempt: _Attempt, outcome: CallOutcome, reason: RequestReason) -> None:
+        attempt.call.end(reason=reason.value)
+        metrics = self.metrics
+        if metrics is not None and attempt.started:
+            metrics.record_mcp(
+                self.cluster.name, attempt.method, name, attempt.tool, tool_exists=True, outcome=outcome,
+                duration=time.perf_counter() - attempt.started,
+            )  # fmt: skip
+
+    def _retried(self, name: str, up_id: object, reason: RequestReason, actions: list[Action]) -> list[Action]:
+        """End a failed attempt; its retry (in ``actions``) is the next attempt of the same request."""
+        attempt = self._failed(name, up_id, reason)
+        if attempt is not None:
+            for action in actions:
+                if type(action) is SendToTarget and action.message.get("method") != "notifications/cancelled":
+                    self._track(action, attempt.parent, attempt.attempt + 1)
+        return actions
 
     def _client_cancelled(self, params: Any) -> None:
         """The client cancelled a request: end its stream with no response, which the spec says a
@@ -628,6 +716,7 @@ class FederatedSession:
                 message = await channel.receive()
             except (TargetClosed, TargetUnavailable) as exc:
                 if not self._closing:
+                    self._target_down(name, RequestReason.UPSTREAM_ERROR)
                     self._act(self.federation.target_failed(name, str(exc) or f"MCP target {name!r} closed"))
                     if isinstance(exc, TargetClosed):
                         self._target_gone(name, exc)
@@ -638,6 +727,8 @@ class FederatedSession:
                 if "error" in message and self._modern_only_swap(name, message) is not None:
                     self._outboxes[name].put(sent)  # the same initialize, now over discover
                     continue
+            if "method" not in message and self._attempts:
+                self._answered(name, message)
             self._act(self.federation.receive_from_target(name, message))
 
     async def _sender(self, name: str, outbox: _Outbox) -> None:
@@ -653,6 +744,8 @@ class FederatedSession:
             return
         if message.get("method") == "initialize":
             self._initializing[name] = message
+        if self._attempts:
+            message = self._sending(name, message)
         try:
             await channel.send(message)
         except (TargetUnavailable, TargetClosed) as exc:
@@ -661,9 +754,10 @@ class FederatedSession:
                 retry = self.federation.retry_attempt(name, up_id, exc.failure)
                 if retry is not None:
                     log.info("mcp_target_retry", backend=self.cluster.name, target=name, error=str(exc))
-                    self._act([retry])
+                    self._act(self._retried(name, up_id, RequestReason.UPSTREAM_ERROR, [retry]))
                     return
             log.warning("mcp_target_failed", backend=self.cluster.name, target=name, error=str(exc))
+            self._failed(name, up_id, RequestReason.UPSTREAM_ERROR)
             self._act(self.federation.target_failed(name, str(exc) or f"MCP target {name!r} failed"))
             if isinstance(exc, TargetClosed):
                 self._target_gone(name, exc)
@@ -681,6 +775,8 @@ class FederatedSession:
                 self._to_client(action.message)
             elif self._tasks is not None and not self._closing:
                 assert type(action) is SendToTarget
+                if self._parent is not None:
+                    self._track(action, self._parent, 0)
                 if action.try_timeout is not None:
                     self._time_attempt(action)
                 if action.delay > 0:
@@ -703,7 +799,8 @@ class FederatedSession:
         def expired() -> None:
             timers.discard(handle)
             if not self._closing:
-                self._act(self.federation.attempt_timed_out(action.target, up_id))
+                actions = self.federation.attempt_timed_out(action.target, up_id)
+                self._act(self._retried(action.target, up_id, RequestReason.TIMEOUT, actions))
 
         handle = self._loop.call_later(action.delay + action.try_timeout, expired)
         timers.add(handle)
@@ -758,6 +855,19 @@ class FederatedSession:
         return self._standalone or oldest
 
 
+@dataclass(slots=True, eq=False)
+class _Attempt:
+    """One upstream request in flight (an attempt: a retry is another), for its client span and its
+    ``agentgate_mcp_requests_total`` sample: per target of a fan-out, with its own duration and outcome."""
+
+    parent: ServerSpan
+    attempt: int
+    call: ClientSpan = NOOP_CLIENT_SPAN
+    method: str = ""
+    tool: str = ""
+    started: float = 0.0
+
+
 class McpSessions:
     """The live sessions of one worker, keyed by their sealed token."""
 
@@ -772,6 +882,8 @@ class McpSessions:
         self._clock = clock
         # (backend, target) pairs found to speak 2026-07-28 only: later sessions start on the modern channel.
         self._modern_only: set[tuple[str, str]] = set()
+        # The worker's metrics, given to every session built from now on (None: not recorded).
+        self.metrics: WorkerMetrics | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -808,6 +920,7 @@ class McpSessions:
             cluster, McpFederation(config), channels, settings.session_idle_timeout, replay=self.replay
         )
         session.claims = claims
+        session.metrics = self.metrics
 
         def to_modern(name: str) -> TargetChannel:
             self._modern_only.add((cluster.name, name))

@@ -135,12 +135,17 @@ _DOCUMENT_CORS = (b"access-control-allow-origin", b"*")
 @dataclass(frozen=True, slots=True)
 class Refused:
     """Answer the request with ``status``, ``headers`` and a plain-text ``message``; ``reason`` is the
-    stable log and metric label (``credential_missing``, ``authorization_denied``, ``rate_limited``...)."""
+    stable log and metric label (``credential_missing``, ``authorization_denied``, ``rate_limited``...).
+    ``decision`` is the authorization decision and ``limits`` the limit and budget decisions made before
+    the refusal, for the request's metrics and access record."""
 
     status: int
     message: str
     headers: Headers
     reason: str
+    decision: Decision | None = None
+    limits: tuple[LimitDecision, ...] | list[LimitDecision] = ()
+    budget: LimitDecision | None = None  # the budget found spent
 
 
 class Admitted:
@@ -149,10 +154,15 @@ class Admitted:
     ``headers``: the request headers for the upstream; ``response_headers``: to add to the response
     (``x-ratelimit-*``); ``activation``: the CEL variables built for this request (``jwt``,
     ``request``, ``source`` as read by some rule or key); ``mcp``: the caller's policy for the MCP
-    endpoint (None when the backend is not MCP or no MCP rule or limit applies).
+    endpoint (None when the backend is not MCP or no MCP rule or limit applies). ``decision`` and
+    ``limits``/``budgets``: the authorization decision (None when no request-level rules) and the limit and
+    budget decisions that admitted it, for the request's metrics and access record.
     """
 
-    __slots__ = ("_charges", "_deferred", "activation", "headers", "identity", "mcp", "response_headers")
+    __slots__ = (
+        "_charges", "_deferred", "activation", "budgets", "decision", "headers", "identity", "limits", "mcp",
+        "response_headers",
+    )
 
     def __init__(
         self,
@@ -163,7 +173,13 @@ class Admitted:
         mcp: McpCaller | None,
         deferred: RuleSet | None,
         charges: list[tuple[RateLimiter | TokenBudget, str]] | None,
+        decision: Decision | None = None,
+        limits: tuple[LimitDecision, ...] | list[LimitDecision] = (),
+        budgets: list[LimitDecision] | tuple[()] = (),
     ) -> None:
+        self.decision = decision
+        self.limits = limits
+        self.budgets = budgets
         self.identity = identity
         self.activation = activation
         self.headers = headers
@@ -439,18 +455,20 @@ class RequestPolicy:
         # From binding the context to the last key nothing awaits: the shared context cannot change under us.
         context = self._bind(activation, identity, request.client_host) if self.usage is not None else None
         rules = self.rules
+        decision: Decision | None = None
         if rules is not None:
             decision = rules.decide_with(context) if context is not None else Decision(False, "variables unusable")
             if not decision.allowed:
                 log.info("request denied", **decision.audit(), principal=_principal(identity))
-                return self._forbidden()
+                return self._forbidden(decision)
         limit_keys = [limit.key(context) for limit in self.limits] if self.limits else ()
         budget_keys = [budget.key(context) for budget in self.budgets] if self.budgets else ()
         extra = _NO_HEADERS
         charges: list[tuple[RateLimiter | TokenBudget, str]] | None = None
         http_limit: LimitDecision | None = None
+        decisions: list[LimitDecision] | tuple[()] = ()
         if self.limits:
-            decisions: list[LimitDecision] = []
+            decisions = []
             for limit, key in zip(self.limits, limit_keys, strict=True):
                 decisions.append(await limit.limiter.check(key))
                 if limit.tokens:
@@ -461,18 +479,24 @@ class RequestPolicy:
                 extra = response_headers(worst)
                 if not worst.allowed:
                     log.debug("request limited", limit=worst.policy, reason=worst.reason.value)
-                    return Refused(refusal_status(worst), _limit_message(worst), extra, "rate_limited")
+                    return Refused(
+                        refusal_status(worst), _limit_message(worst), extra, "rate_limited", decision, decisions
+                    )
+        budgets: list[LimitDecision] = []
         for budget, key in zip(self.budgets, budget_keys, strict=True):
             spent = await budget.limiter.check(key)
             if not spent.allowed:
                 log.debug("request over budget", budget=spent.policy, reason=spent.reason.value)
                 retry = [header for header in response_headers(spent) if header[0] == b"retry-after"]
                 message = f"Too Many Requests: token budget {spent.policy!r} is spent for this period"
-                return Refused(refusal_status(spent), message, retry, "budget_exhausted")
+                return Refused(refusal_status(spent), message, retry, "budget_exhausted", decision, decisions, spent)
             charges = charges or []
             charges.append((budget.limiter, key))
+            budgets.append(spent)
         caller = McpCaller(self.mcp, activation, http_limit) if self.mcp is not None else None
-        return Admitted(identity, activation, headers, extra, caller, self.deferred, charges)
+        return Admitted(
+            identity, activation, headers, extra, caller, self.deferred, charges, decision, decisions, budgets
+        )
 
     def _bind(self, activation: Mapping[str, Any], identity: Identity | None, address: bytes) -> _cel.Context | None:
         """The engine context for this request's rules and keys. Converting values for the engine costs
@@ -519,12 +543,12 @@ class RequestPolicy:
                 activation[name] = empty
         return activation
 
-    def _forbidden(self) -> Refused:
+    def _forbidden(self, decision: Decision) -> Refused:
         message = "Forbidden: access denied by policy"
         if self.authenticator is None:
-            return Refused(403, message, [], "authorization_denied")
+            return Refused(403, message, [], "authorization_denied", decision)
         refusal = self.authenticator.forbidden("authorization_denied", "Access denied by policy")
-        return Refused(403, message, refusal.headers(), "authorization_denied")
+        return Refused(403, message, refusal.headers(), "authorization_denied", decision)
 
 
 _NO_VARIABLES: Mapping[str, Any] = MappingProxyType({})
