@@ -221,7 +221,9 @@ def agentgate(workdir: Path, agents: dict[str, int], workers: int) -> Iterator[i
         documents += agent_documents(name, upstream, GATEWAY_PREFIXES[name], gateway["metadata"]["name"])
     (folder / "bench.yaml").write_text(yaml.safe_dump_all(documents, sort_keys=False))
     binary = str(Path(sys.executable).parent / "agentgate")
-    cmd = [binary, "run", "--config", str(folder), "--workers", str(workers), "--xds-port", str(free_port()),
+    # No access log: the responder and Envoy log nothing either.
+    cmd = [binary, "run", "--config", str(folder), "--workers", str(workers), "--access-log", "off",
+           "--xds-port", str(free_port()),
            "--admin-port", "-1", "--metrics-port", "-1", "--readiness-port", str(readiness),
            "--controlplane-metrics-port", "-1", "--log-level", "warning"]  # fmt: skip
     with process(cmd, workdir / "agentgate.log"):

@@ -269,6 +269,7 @@ def agentgate(workdir: Path, upstream: int, workers: int) -> Iterator[int]:
     (folder / "bench.yaml").write_text("---\n".join(documents))
     cmd = [
         str(Path(sys.executable).parent / "agentgate"), "run", "--config", str(folder), "--workers", str(workers),
+        "--access-log", "off",  # nginx and Envoy log nothing either
         "--xds-port", str(free_port()), "--admin-port", "-1", "--metrics-port", "-1",
         "--readiness-port", str(readiness), "--controlplane-metrics-port", "-1", "--log-level", "warning",
     ]  # fmt: skip
