@@ -250,6 +250,7 @@ class ModernExchange(Protocol):
         route_timeout: float | None = None,
         *,
         visibility: Visibility = allow_all,
+        telemetry: RequestTelemetry | None = None,
     ) -> None: ...
 
     def end_streams(self) -> None: ...
@@ -412,7 +413,9 @@ class McpEndpoint:
                 sink = _with_headers(sink, caller.response_headers)
             visibility = caller.visibility() if caller is not None else allow_all
             # The route's timeout bounds each request (answered with a JSON-RPC error), not listen streams.
-            await self.modern.post(request, sink, cluster, parsed, route_timeout, visibility=visibility)
+            await self.modern.post(
+                request, sink, cluster, parsed, route_timeout, visibility=visibility, telemetry=telemetry
+            )
             return
         if isinstance(parsed, Request) and parsed.method == "initialize":
             if token is not None:

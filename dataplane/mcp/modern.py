@@ -38,7 +38,7 @@ import os
 import time
 from collections.abc import AsyncIterator, Iterator, MutableMapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import anyio
 from anyio.abc import TaskGroup
@@ -95,7 +95,12 @@ from dataplane.mcp.shared_upstream import (
 from dataplane.mcp.sse import SseParser
 from dataplane.mcp.sse_channel import LegacySseChannel
 from dataplane.mcp.stdio import SpawnBackoff, StdioChannel
+from dataplane.observability.metrics import CallOutcome, RequestReason, WorkerMetrics
+from dataplane.observability.tracing import NOOP_CLIENT_SPAN, NOOP_SERVER_SPAN, ClientSpan, ServerSpan
 from shared.logging import get_logger
+
+if TYPE_CHECKING:
+    from dataplane.observability.request import RequestTelemetry
 
 log = get_logger("dataplane.mcp.modern")
 
@@ -419,6 +424,84 @@ class _Context:
     param_headers: Headers
 
 
+@dataclass(slots=True, eq=False)
+class _UpstreamCall:
+    """One upstream request of a client request in flight: its client span and when it went out."""
+
+    method: str
+    tool: str
+    started: float
+    span: ClientSpan
+
+
+class _UpstreamCalls:
+    """The upstream requests one sessionless request causes, each with a client span (a child of the
+    request's server span) and an ``agentgate_mcp_requests_total`` sample, as a session does it
+    (``sessions.FederatedSession``): one per target of a fan-out, with its own duration and outcome.
+    Built only when tracing propagates or metrics are on; everything still open when the request ends
+    (timed out, client gone) is ended then, not later."""
+
+    __slots__ = ("_backend", "_metrics", "_open", "_parent", "_stdio")
+
+    def __init__(
+        self, backend: str, parent: ServerSpan, metrics: WorkerMetrics | None, stdio: frozenset[str]
+    ) -> None:
+        self._backend = backend
+        self._parent = parent
+        self._metrics = metrics
+        self._stdio = stdio
+        self._open: dict[tuple[str, RequestId], _UpstreamCall] = {}
+
+    def sending(self, target: str, message: JSON) -> JSON:
+        """Start the span of a request about to go to ``target``; the message with the span's W3C context
+        in ``params._meta`` (SEP-414: how a stdio target gets it; an HTTP target reads it the same way)."""
+        method = message.get("method")
+        up_id = message.get("id")
+        if not isinstance(method, str) or not isinstance(up_id, str | int) or isinstance(up_id, bool):
+            return message  # notifications (a cancel) are not calls of their own
+        params = message.get("params")
+        tool = params.get("name") if method == "tools/call" and isinstance(params, dict) else None
+        tool = tool if isinstance(tool, str) else ""
+        span = self._parent.mcp_span(target, method, tool=tool or None, stdio=target in self._stdio, request_id=up_id)
+        self._open[(target, up_id)] = _UpstreamCall(method, tool, time.perf_counter(), span)
+        if span is NOOP_CLIENT_SPAN:
+            return message
+        return {**message, "params": span.inject_into_mcp_meta(params if isinstance(params, dict) else None)}
+
+    def answered(self, target: str, message: JSON) -> None:
+        """A response from ``target``: the call it answers ends, an error answer as an error."""
+        up_id = message.get("id")
+        call = self._open.pop((target, up_id), None) if isinstance(up_id, str | int) else None
+        if call is not None:
+            failed = "error" in message
+            self._end(
+                target, call, CallOutcome.ERROR if failed else CallOutcome.OK,
+                RequestReason.UPSTREAM_ERROR if failed else RequestReason.OK,
+            )  # fmt: skip
+
+    def failed(self, target: str, message: JSON, reason: RequestReason) -> None:
+        """``message`` could not be sent to ``target`` (unreachable, gone): its call ends as an error."""
+        up_id = message.get("id")
+        call = self._open.pop((target, up_id), None) if isinstance(up_id, str | int) else None
+        if call is not None:
+            self._end(target, call, CallOutcome.ERROR, reason)
+
+    def close(self, reason: RequestReason) -> None:
+        """The client request ended (``reason``: timeout, client gone...): what is still open ends now."""
+        while self._open:
+            (target, _), call = self._open.popitem()
+            self._end(target, call, CallOutcome.ERROR, reason)
+
+    def _end(self, target: str, call: _UpstreamCall, outcome: CallOutcome, reason: RequestReason) -> None:
+        call.span.end(reason=reason.value)
+        metrics = self._metrics
+        if metrics is not None:
+            metrics.record_mcp(
+                self._backend, call.method, target, call.tool, tool_exists=True, outcome=outcome,
+                duration=time.perf_counter() - call.started,
+            )  # fmt: skip
+
+
 class _Backend:
     """The per-worker state of one MCP backend for sessionless clients."""
 
@@ -441,6 +524,17 @@ class _Backend:
         for target in settings.targets:
             old = kept.get(target.name)
             self.targets[target.name] = old if old is not None and old.config == target else _Target(target)
+        # The stdio targets: their client spans say so (network.transport pipe).
+        self.stdio = frozenset(t.name for t in settings.targets if isinstance(t, McpStdioTarget))
+
+    def upstream_calls(self, telemetry: RequestTelemetry | None) -> _UpstreamCalls | None:
+        """The tracker of one request's upstream calls; None when nothing would be recorded or propagated."""
+        if telemetry is None:
+            return None
+        span, metrics = telemetry.span, telemetry.metrics
+        if span is NOOP_SERVER_SPAN and metrics is None:
+            return None
+        return _UpstreamCalls(self.cluster.name, span, metrics, self.stdio)
 
     def retired(self, newer: _Backend) -> list[_Target]:
         """The targets of this state that ``newer`` does not carry over."""
@@ -641,10 +735,13 @@ class ModernEndpoint:
         route_timeout: float | None = None,
         *,
         visibility: Visibility = allow_all,
+        telemetry: RequestTelemetry | None = None,
     ) -> None:
         """Answer one 2026-07-28 POST (see the module docstring). ``route_timeout`` shortens the
         request bound; a ``subscriptions/listen`` stream lasts until the client or the worker goes.
-        ``visibility`` is the caller's (the policy chain's): what the request's federation may show."""
+        ``visibility`` is the caller's (the policy chain's): what the request's federation may show;
+        ``telemetry`` the request's span and the worker's metrics (a client span and an MCP sample per
+        upstream request)."""
         headers = request.headers
         if isinstance(message, Notification):
             version = _header(headers, b"mcp-protocol-version") or _meta_version(message.params)
@@ -671,7 +768,7 @@ class ModernEndpoint:
             await self._listen(backend, sink, message, context, visibility)
             return
         bound = self.request_timeout if route_timeout is None else min(route_timeout, self.request_timeout)
-        await self._exchange(backend, sink, message, context, bound, visibility)
+        await self._exchange(backend, sink, message, context, bound, visibility, backend.upstream_calls(telemetry))
 
     # --- one request ----------------------------------------------------------------------------------------
     async def _exchange(
@@ -682,6 +779,7 @@ class ModernEndpoint:
         context: _Context,
         bound: float,
         visibility: Visibility = allow_all,
+        calls: _UpstreamCalls | None = None,
     ) -> None:
         federation = McpFederation(backend.config, visibility, catalogs=backend.catalogs)
         federation.target_capabilities.update(backend.known_capabilities())
@@ -716,11 +814,15 @@ class ModernEndpoint:
                     return lease
 
             async def send_to_target(name: str, upstream: JSON) -> None:
+                if calls is not None:
+                    upstream = calls.sending(name, upstream)
                 try:
                     lease = await lease_of(name)
                     await lease.send(upstream)
                 except (TargetUnavailable, TargetClosed) as exc:
                     log.warning("mcp_target_failed", backend=backend.cluster.name, target=name, error=str(exc))
+                    if calls is not None:
+                        calls.failed(name, upstream, RequestReason.UPSTREAM_ERROR)
                     act(federation.target_failed(name, str(exc) or f"MCP target {name!r} failed"))
 
             async def pump(name: str, lease: TargetChannel) -> None:
@@ -729,6 +831,8 @@ class ModernEndpoint:
                         item = await lease.receive()
                     except TargetClosed:
                         return
+                    if calls is not None and "method" not in item:
+                        calls.answered(name, item)
                     act(federation.receive_from_target(name, item))
 
             try:
@@ -748,6 +852,8 @@ class ModernEndpoint:
                         if final:
                             await sink.end([])
                             return
+                if calls is not None:
+                    calls.close(RequestReason.TIMEOUT)  # before the client hears of it
                 failure = error_response(request_id, REQUEST_TIMEOUT, "Request timed out")
                 if streaming:
                     await sink.write(_event(failure))
@@ -755,6 +861,9 @@ class ModernEndpoint:
                 else:
                     await _send_json(sink, failure)
             finally:
+                if calls is not None:
+                    # The client went away, or the answer came without waiting for them: nobody waits now.
+                    calls.close(RequestReason.CLIENT_CLOSED)
                 tasks.cancel_scope.cancel()
                 with anyio.CancelScope(shield=True):
                     for lease in leases.values():

@@ -595,7 +595,7 @@ class FederatedSession:
     def _expire(self, stream: EventStream) -> None:
         """A request reached its deadline: the federation answers it (-32001) and cancels it upstream."""
         assert stream.request_id is not None
-        self._act(self.federation.expire(stream.request_id))
+        self._act(self._abandoned(self.federation.expire(stream.request_id), RequestReason.TIMEOUT))
         if stream in self._requests:  # the federation held nothing for it: answer here all the same
             self._requests.remove(stream)
             self._settled()
@@ -604,11 +604,8 @@ class FederatedSession:
     def _cancel_upstream(self, request_id: RequestId | None, reason: str) -> None:
         """Tell the federation the client stopped waiting, so it cancels upstream and drops a late answer."""
         params = {"requestId": request_id, "reason": reason}
-        self._act(
-            self.federation.receive_from_client(
-                {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
-            )
-        )
+        cancel = {"jsonrpc": "2.0", "method": "notifications/cancelled", "params": params}
+        self._act(self._abandoned(self.federation.receive_from_client(cancel), RequestReason.CLIENT_CLOSED))
 
     async def submit(
         self, message: JSON, resilience: ResilienceSettings | None = None, span: ServerSpan | None = None
@@ -617,12 +614,16 @@ class FederatedSession:
         the caller's policy for a request (per-try timeout and retries of its upstream attempts);
         ``span`` the request's server span, parent of a client span per upstream request it causes."""
         self.last_used = time.monotonic()
-        if message.get("method") == "notifications/cancelled":
+        cancelled = message.get("method") == "notifications/cancelled"
+        if cancelled:
             self._client_cancelled(message.get("params"))
         if span is not None and (span.recording or span.trace_id or self.metrics is not None):
             self._parent = span
         try:
-            self._act(self.federation.receive_from_client(message, resilience))
+            actions = self.federation.receive_from_client(message, resilience)
+            if cancelled:
+                actions = self._abandoned(actions, RequestReason.CLIENT_CLOSED)
+            self._act(actions)
         finally:
             self._parent = None
 
@@ -656,7 +657,8 @@ class FederatedSession:
             return message
         return {**message, "params": call.inject_into_mcp_meta(params if isinstance(params, dict) else None)}
 
-    def _answered(self, name: str, message: JSON) -> None:
+    def _answered(self, name: str, message: JSON) -> ServerSpan | None:
+        """End the attempt ``message`` answers; the span of the client request it was for (None: untracked)."""
         up_id = message.get("id")
         if type(up_id) is int and self._attempts:
             attempt = self._attempts.pop((name, up_id), None)
@@ -666,6 +668,8 @@ class FederatedSession:
                     name, attempt, CallOutcome.ERROR if failed else CallOutcome.OK,
                     RequestReason.UPSTREAM_ERROR if failed else RequestReason.OK,
                 )  # fmt: skip
+                return attempt.parent
+        return None
 
     def _failed(self, name: str, up_id: object, reason: RequestReason) -> _Attempt | None:
         """An attempt that got no answer (failure, timeout): ended, and returned for its retry."""
@@ -686,6 +690,16 @@ class FederatedSession:
                 self.cluster.name, attempt.method, name, attempt.tool, tool_exists=True, outcome=outcome,
                 duration=time.perf_counter() - attempt.started,
             )  # fmt: skip
+
+    def _abandoned(self, actions: list[Action], reason: RequestReason) -> list[Action]:
+        """End the attempts that ``actions`` cancel upstream (their request expired, or its client cancelled
+        it or went away): their spans and samples end now, not when the session closes."""
+        if self._attempts:
+            for action in actions:
+                if type(action) is SendToTarget and action.message.get("method") == "notifications/cancelled":
+                    params = action.message.get("params")
+                    self._failed(action.target, params.get("requestId") if isinstance(params, dict) else None, reason)
+        return actions
 
     def _retried(self, name: str, up_id: object, reason: RequestReason, actions: list[Action]) -> list[Action]:
         """End a failed attempt; its retry (in ``actions``) is the next attempt of the same request."""
@@ -728,8 +742,13 @@ class FederatedSession:
                     self._outboxes[name].put(sent)  # the same initialize, now over discover
                     continue
             if "method" not in message and self._attempts:
-                self._answered(name, message)
-            self._act(self.federation.receive_from_target(name, message))
+                # What the federation sends on this answer (the routed call after a catalog walk, the next
+                # page of a list) belongs to the same client request: its attempts are children of that span.
+                self._parent = self._answered(name, message)
+            try:
+                self._act(self.federation.receive_from_target(name, message))
+            finally:
+                self._parent = None
 
     async def _sender(self, name: str, outbox: _Outbox) -> None:
         """Send a target's messages one at a time, in order: a send to an HTTP target waits for the
