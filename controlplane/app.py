@@ -32,6 +32,7 @@ from controlplane.sources.folder import FolderSource, FolderState
 from controlplane.sources.kubernetes import KubernetesSource, KubernetesSourceSettings
 from controlplane.token_review import KubeApiConfig, KubeTokenReviewer, TokenReviewService
 from controlplane.translate import translate
+from controlplane.xds_auth import XdsAuthMode, XdsSecurity
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
 from shared.logging import get_logger
 from shared.resources import ResourceMap
@@ -52,6 +53,8 @@ class ControlPlaneSettings:
     kube_api: KubeApiConfig | None = None
     # Read Gateway API objects and our CRDs from the Kubernetes API of `kube_api` instead of a folder.
     kubernetes: KubernetesSourceSettings | None = None
+    # TLS and proxy authentication on the gRPC port (default: plaintext, no authentication).
+    xds_security: XdsSecurity = field(default_factory=XdsSecurity)
 
     def describe_source(self) -> str:
         if self.kubernetes is not None:
@@ -196,11 +199,13 @@ class ControlPlane:
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Serve until cancelled. `task_status.started()` fires once the first snapshot pass is done."""
         self._check_source()
+        if self.settings.xds_security.auth is XdsAuthMode.TOKENREVIEW and self.settings.kube_api is None:
+            raise SystemExit("--xds-auth tokenreview needs the Kubernetes API: --kubeconfig PATH, or running in a pod")
         reviewer = await self._connect_kube_api()
         try:
             server = await start_grpc_server(
                 self.cache, self.settings.xds_address, registry=self.registry, jwks=self.keys,
-                token_review=self.token_review,
+                token_review=self.token_review, security=self.settings.xds_security,
             )
         except BaseException:
             if reviewer is not None:

@@ -1,7 +1,8 @@
 """The control plane's gRPC server: ADS, DebugService, health and reflection on one port.
 
 Reflection and health make `grpcurl -plaintext HOST:PORT list|describe` work against a
-running control plane with no proto files at hand.
+running control plane with no proto files at hand; they stay open when `XdsSecurity` turns on
+token authentication (controlplane.xds_auth says what each service then requires) or TLS.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from controlplane.metrics import XdsMetrics
 from controlplane.snapshot import SnapshotCache
 from controlplane.token_review import TokenReviewService
 from controlplane.xds import ADS_SERVICE, AdsServer, ConnectedProxies
+from controlplane.xds_auth import XdsAuthenticator, XdsAuthInterceptor, XdsAuthMetrics, XdsAuthMode, XdsSecurity
 from shared.api.agentgate.debug.v1 import debug_pb2, debug_pb2_grpc
 from shared.api.agentgate.policy.v1 import keys_pb2_grpc
 from shared.logging import get_logger
@@ -64,17 +66,33 @@ async def start_grpc_server(
     registry: CollectorRegistry | None = None,
     jwks: JwksWiring | None = None,
     token_review: TokenReviewService | None = None,
+    security: XdsSecurity | None = None,
 ) -> RunningGrpcServer:
     """Bind `address` (port 0 picks a free port) and serve until `stop()`.
 
     Metrics go to `registry` (default: prometheus_client's global registry; pass a fresh
     one when several servers share a process, as tests do). With `jwks`, proxies can ask
-    for a JWKS refresh and (with `token_review`) for TokenReviews: KeyService.
+    for a JWKS refresh and (with `token_review`) for TokenReviews: KeyService. `security`
+    turns on TLS (its files are read here: OSError names a missing one) and token
+    authentication, which reviews tokens with `token_review`.
     """
-    metrics = XdsMetrics(registry if registry is not None else REGISTRY, cache)
+    security = security or XdsSecurity()
+    registry = registry if registry is not None else REGISTRY
+    metrics = XdsMetrics(registry, cache)
+    auth_metrics = XdsAuthMetrics(registry)
+    authenticator: XdsAuthenticator | None = None
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    if security.auth is XdsAuthMode.TOKENREVIEW:
+        if token_review is None:
+            raise ValueError("xds auth tokenreview needs a TokenReviewService")
+        authenticator = XdsAuthenticator(
+            token_review, auth_metrics, audience=security.audience, recheck_interval=security.recheck_interval
+        )
+        interceptors.append(XdsAuthInterceptor(authenticator, ads_service=ADS_SERVICE, debug_service=DEBUG_SERVICE))
+    credentials = security.tls.credentials() if security.tls is not None else None
     proxies = ConnectedProxies()
-    ads = AdsServer(cache, metrics, proxies)
-    server = grpc.aio.server(options=_SERVER_OPTIONS)
+    ads = AdsServer(cache, metrics, proxies, auth=authenticator)
+    server = grpc.aio.server(options=_SERVER_OPTIONS, interceptors=interceptors)
     server.add_generic_rpc_handlers((ads.rpc_handler(),))
     debug_pb2_grpc.add_DebugServiceServicer_to_server(DebugService(cache, proxies), server)
     services = [ADS_SERVICE, DEBUG_SERVICE]
@@ -87,10 +105,15 @@ async def start_grpc_server(
         await health_servicer.set(service, health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection((*services, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
     try:
-        port = server.add_insecure_port(address)
+        if credentials is None:
+            port = server.add_insecure_port(address)
+        else:
+            port = server.add_secure_port(address, credentials)
     except RuntimeError as exc:
         await server.stop(None)
         raise OSError(f"cannot listen on {address}: {exc}") from exc
     await server.start()
-    log.info("grpc server listening", address=address, port=port)
+    tls = "off" if security.tls is None else "mtls" if security.tls.client_ca_file is not None else "tls"
+    log.info("grpc server listening", address=address, port=port, auth=security.auth.value, tls=tls,
+             audience=security.audience if authenticator is not None else "")
     return RunningGrpcServer(server, port, ads, proxies, health_servicer, metrics)

@@ -184,7 +184,7 @@ class TokenReviewService:
         not_configured: str = "no Kubernetes API configured (start the control plane with --kubeconfig, or in a pod)",
     ) -> None:
         self.reviewer = reviewer
-        self.cache = cache or ReviewCache()
+        self.cache = cache if cache is not None else ReviewCache()
         self.timeout = timeout
         self.not_configured = not_configured
         self.calls = 0  # reviews sent to the API (for tests and logs)

@@ -15,7 +15,7 @@ import json
 import os
 import socket
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 import anyio
@@ -33,6 +33,7 @@ from dataplane.observability.settings import Protocol, SamplerKind, TracingSetti
 from dataplane.observability.tracing import Tracing
 from dataplane.policy.jwks_refresh import JwksRefreshClient
 from dataplane.policy.token_review import TokenReviewClient
+from dataplane.xds.channel import XdsClientSecurity, XdsTransport
 from dataplane.xds.client import AdsClient, AdsSettings
 from shared import logging as shared_logging
 from shared.admin_http import AdminRequest, AdminResponse, AdminServer
@@ -65,6 +66,8 @@ class WorkerSettings:
     trace_sampling: float | None = None
     # "stdout", "off" or a file path (each worker needs its own file).
     access_log: str = "stdout"
+    # TLS to the control plane and the token file presented on the ADS stream and KeyService calls.
+    xds_security: XdsClientSecurity = field(default_factory=XdsClientSecurity)
 
     def tracing_settings(self, environ: dict[str, str] | None = None) -> TracingSettings:
         """OTEL_* settings with the flags on top: --otlp-endpoint is the collector's base URL (http/protobuf
@@ -104,6 +107,8 @@ class Worker:
             gateway=settings.gateway, tracing=self.tracing, metrics=self.metrics, access_log=self.access_log
         )
         handler.mcp.sessions.metrics = self.metrics
+        # One way to the control plane for every call: the ADS stream and KeyService.
+        self.xds_transport = XdsTransport(settings.xds, settings.xds_security)
         self.ads = AdsClient(
             AdsSettings(
                 target=settings.xds,
@@ -113,15 +118,16 @@ class Worker:
             ),
             self.apply,
             self.metrics,
+            transport=self.xds_transport,
         )
         self.ads.on_update = self._after_update
         # A token with an unknown kid asks the control plane to refetch that JWKS (throttled per URL);
         # the worker itself never calls an identity provider.
-        self.jwks_refresh = JwksRefreshClient(settings.xds)
+        self.jwks_refresh = JwksRefreshClient(settings.xds, channel=self.xds_transport.channel)
         self.proxy.policies.on_jwks_refresh = self.jwks_refresh.request
         # Service-account tokens of tokenReview providers are reviewed by the control plane, which
         # holds the Kubernetes API credentials (KeyService.ReviewToken).
-        self.token_review = TokenReviewClient(settings.xds)
+        self.token_review = TokenReviewClient(settings.xds, channel=self.xds_transport.channel)
         self.proxy.policies.token_reviewer = self.token_review
         self.config: RuntimeConfig | None = None
         self.draining = False
@@ -258,6 +264,7 @@ class Worker:
             if settings.stop_on_stdin_close:
                 tg.start_soon(self._watch_stdin, stop)
             log.info("worker started", gateway=settings.gateway, xds=settings.xds, node_id=self.ads.settings.node_id,
+                     xds_security=self.xds_transport.describe(),
                      tracing=self.tracing.settings.endpoint or "off", access_log=settings.access_log,
                      **{f"{k}_port": v for k, v in self.admin_ports.items()})
             await stop.wait()

@@ -8,11 +8,16 @@ import os
 import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import anyio
 
 from shared import logging as shared_logging
 from shared.signals import stop_on_signal
+
+if TYPE_CHECKING:
+    from controlplane.xds_auth import XdsSecurity
+    from dataplane.xds.channel import XdsClientSecurity
 
 DEFAULT_XDS_PORT = 9977
 
@@ -49,6 +54,10 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
         print("agentgate controlplane: --debounce must be >= 0", file=sys.stderr)
         return 2
     kube_api = KubeApiConfig.detect(args.kubeconfig)
+    xds_security = _xds_server_security(args, kube_api is not None)
+    if isinstance(xds_security, str):
+        print(f"agentgate controlplane: {xds_security}", file=sys.stderr)
+        return 2
     kubernetes = None
     if args.kubernetes:
         if kube_api is None:
@@ -62,6 +71,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     settings = ControlPlaneSettings(
         config_dir=Path(args.config) if args.config is not None else None, xds_address=args.xds_address,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, kube_api=kube_api, kubernetes=kubernetes,
+        xds_security=xds_security,
     )
 
     async def main() -> None:
@@ -74,6 +84,45 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
 
     _run(main)
     return 0
+
+
+def _xds_server_security(args: argparse.Namespace, has_kube_api: bool) -> XdsSecurity | str:
+    """The control plane's --xds-auth/--xds-tls-* flags as settings, or what is wrong with them."""
+    from controlplane.xds_auth import XdsAuthMode, XdsSecurity, XdsServerTls
+
+    auth = XdsAuthMode(args.xds_auth)
+    if auth is XdsAuthMode.TOKENREVIEW and not has_kube_api:
+        return "--xds-auth tokenreview needs the Kubernetes API: --kubeconfig PATH, or running in a pod"
+    if not args.xds_audience:
+        return "--xds-audience must not be empty"
+    if (args.xds_tls_cert is None) != (args.xds_tls_key is None):
+        return "--xds-tls-cert and --xds-tls-key go together"
+    if args.xds_client_ca is not None and args.xds_tls_cert is None:
+        return "--xds-client-ca (mTLS) needs --xds-tls-cert and --xds-tls-key"
+    for flag, path in (("--xds-tls-cert", args.xds_tls_cert), ("--xds-tls-key", args.xds_tls_key),
+                       ("--xds-client-ca", args.xds_client_ca)):
+        if path is not None and not Path(path).is_file():
+            return f"{flag} {path}: no such file"
+    tls = None
+    if args.xds_tls_cert is not None:
+        tls = XdsServerTls(
+            Path(args.xds_tls_cert), Path(args.xds_tls_key),
+            Path(args.xds_client_ca) if args.xds_client_ca is not None else None,
+        )
+    return XdsSecurity(auth=auth, audience=args.xds_audience, tls=tls)
+
+
+def _xds_client_security(args: argparse.Namespace) -> XdsClientSecurity:
+    """The worker's --xds-token-file/--xds-tls* flags as settings."""
+    from dataplane.xds.channel import XdsClientSecurity
+
+    def path(value: str | None) -> Path | None:
+        return Path(value) if value else None
+
+    return XdsClientSecurity(
+        token_file=path(args.xds_token_file), tls=args.xds_tls, ca_file=path(args.xds_ca_file),
+        cert_file=path(args.xds_cert_file), key_file=path(args.xds_key_file), server_name=args.xds_server_name,
+    )
 
 
 def _add_observability(parser: argparse.ArgumentParser) -> None:
@@ -114,12 +163,19 @@ def cmd_dataplane(args: argparse.Namespace) -> int:
     if args.gateway.count("/") != 1 or not all(args.gateway.split("/")):
         print(f"agentgate dataplane: --gateway must be NAMESPACE/NAME, got {args.gateway!r}", file=sys.stderr)
         return 2
+    xds_security = _xds_client_security(args)
+    problems = xds_security.problems()
+    for problem in problems:
+        print(f"agentgate dataplane: {problem}", file=sys.stderr)
+    if problems:
+        return 2
     settings = WorkerSettings(
         xds=args.xds, gateway=args.gateway, node_id=args.node_id, xds_mode=args.xds_mode,
         admin_host=args.admin_host, stats_host=args.stats_host, admin_port=args.admin_port,
         metrics_port=args.metrics_port, readiness_port=args.readiness_port, drain_timeout=args.drain_timeout,
         stop_on_stdin_close=args.stop_on_stdin_close, otlp_endpoint=args.otlp_endpoint,
         otlp_protocol=args.otlp_protocol, trace_sampling=args.trace_sampling, access_log=args.access_log,
+        xds_security=xds_security,
     )
     try:
         worker = Worker(settings)
@@ -185,6 +241,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--kubeconfig", default=None, metavar="PATH",
         help="Kubernetes API for --kubernetes and TokenReviews (default: in-cluster when run in a pod)",
     )
+    cp.add_argument(
+        "--xds-auth", choices=["none", "tokenreview"], default="none",
+        help="proxy authentication on the gRPC port: none (the default, for one machine), or tokenreview "
+        "(production: each proxy presents a service-account token for --xds-audience and gets only Gateways of "
+        "its own namespace)",
+    )
+    cp.add_argument(
+        "--xds-audience", default="agentgate-xds", help="with --xds-auth tokenreview: the audience tokens must carry"
+    )
+    cp.add_argument("--xds-tls-cert", default=None, metavar="PATH", help="serve gRPC over TLS with this PEM cert")
+    cp.add_argument("--xds-tls-key", default=None, metavar="PATH", help="the PEM key of --xds-tls-cert")
+    cp.add_argument(
+        "--xds-client-ca", default=None, metavar="PATH",
+        help="require client certificates signed by this PEM CA bundle (mTLS; needs --xds-tls-cert)",
+    )
     _add_common(cp)
     cp.set_defaults(func=cmd_controlplane)
 
@@ -200,6 +271,19 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--readiness-port", type=int, default=15021, help="/healthz/ready; -1 disables")
     dp.add_argument("--drain-timeout", type=float, default=15.0, help="seconds to finish in-flight requests on SIGTERM")
     dp.add_argument("--stop-on-stdin-close", action="store_true", help=argparse.SUPPRESS)
+    dp.add_argument(
+        "--xds-token-file", default=None, metavar="PATH",
+        help="service-account token sent as 'authorization: Bearer' to the control plane (re-read on reconnect)",
+    )
+    dp.add_argument("--xds-tls", action="store_true", help="connect to the control plane over TLS")
+    dp.add_argument(
+        "--xds-ca-file", default=None, metavar="PATH", help="with --xds-tls: PEM CA bundle (default: system roots)"
+    )
+    dp.add_argument("--xds-cert-file", default=None, metavar="PATH", help="with --xds-tls: client certificate (mTLS)")
+    dp.add_argument("--xds-key-file", default=None, metavar="PATH", help="with --xds-tls: the client certificate's key")
+    dp.add_argument(
+        "--xds-server-name", default="", help="with --xds-tls: the name to verify in the control plane's certificate"
+    )
     _add_observability(dp)
     _add_common(dp)
     dp.set_defaults(func=cmd_dataplane)

@@ -23,6 +23,7 @@ from controlplane.xds.proxies import ConnectedProxies, ProxyConnection
 from controlplane.xds.records import Feedback, FeedbackKind, RequestRejected, node_identity
 from controlplane.xds.sotw import SotwStream
 from controlplane.xds.stream import DEFAULT_RECONNECT_WINDOW, AdsStream
+from controlplane.xds_auth import ProxyIdentity, Reason, XdsAuthenticator, XdsAuthRefused
 from shared.logging import get_logger
 from shared.resources import short_name
 
@@ -54,7 +55,12 @@ def _identity(data: bytes) -> bytes:
 
 
 class AdsServer:
-    """StreamAggregatedResources (SotW) and DeltaAggregatedResources over one SnapshotCache."""
+    """StreamAggregatedResources (SotW) and DeltaAggregatedResources over one SnapshotCache.
+
+    With `auth`, a stream must carry a valid token and its first request may only name a Gateway
+    its identity is allowed (both checked before anything is sent), and it ends when the token
+    expires or a periodic review refuses it (controlplane.xds_auth).
+    """
 
     def __init__(
         self,
@@ -65,8 +71,10 @@ class AdsServer:
         clock: Callable[[], float] = time.monotonic,
         wall_clock: Callable[[], float] = time.time,
         reconnect_window: float = DEFAULT_RECONNECT_WINDOW,
+        auth: XdsAuthenticator | None = None,
     ) -> None:
         self.cache = cache
+        self.auth = auth
         self.metrics = metrics
         self.proxies = proxies or ConnectedProxies()
         self._reconnect_window = reconnect_window
@@ -118,38 +126,132 @@ class AdsServer:
             await context.abort(grpc.StatusCode.UNAVAILABLE, "control plane is shutting down")
         scope = anyio.CancelScope()
         self._scopes.add(scope)
-        rejected: RequestRejected | None = None
+        rejected: RequestRejected | XdsAuthRefused | None = None
         try:
             with scope:
                 rejected = await self._open(new_stream, requests, context)
         finally:
             self._scopes.discard(scope)
+        if isinstance(rejected, XdsAuthRefused):
+            await context.abort(rejected.code, rejected.message)
         if rejected is not None:
             await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(rejected))
         if scope.cancel_called:
             context.set_code(grpc.StatusCode.UNAVAILABLE)
             context.set_details("control plane is shutting down")
 
+    async def _serve_authenticated(
+        self,
+        stream: AdsStream,
+        first: Any,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        identity: ProxyIdentity,
+        token: str,
+    ) -> RequestRejected | XdsAuthRefused | None:
+        """`_attach` for an authenticated proxy, ended early when its credentials stop being valid."""
+        ended: list[XdsAuthRefused] = []
+        outcome: RequestRejected | XdsAuthRefused | None = None
+        stream_scope = anyio.CancelScope()
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._guard_credentials, identity, token, context.peer(), stream_scope, ended)
+            with stream_scope:
+                outcome = await self._attach(stream, first, requests, context, identity)
+            tg.cancel_scope.cancel()
+        return ended[0] if ended else outcome
+
+    async def _guard_credentials(
+        self,
+        identity: ProxyIdentity,
+        token: str,
+        peer: str,
+        stream_scope: anyio.CancelScope,
+        ended: list[XdsAuthRefused],
+    ) -> None:
+        """Cancel `stream_scope` at the token's expiry, or when a periodic review refuses it.
+
+        A review the API cannot answer keeps the stream (until expiry): the proxy keeps its config.
+        """
+        auth = self.auth
+        assert auth is not None
+        expires_at = identity.expires_at
+        while True:
+            wait = auth.recheck_interval
+            if expires_at is not None:
+                wait = min(wait, expires_at - auth.clock())
+            if wait > 0:
+                await anyio.sleep(wait)  # a timer: the token's lifetime or the review period
+            if expires_at is not None and auth.clock() >= expires_at:
+                refused = XdsAuthRefused(
+                    grpc.StatusCode.UNAUTHENTICATED, Reason.TOKEN_EXPIRED,
+                    "token expired: reconnect with the current token (the kubelet rotates projected tokens)",
+                )
+            else:
+                try:
+                    await auth.review(token)
+                    continue
+                except XdsAuthRefused as exc:
+                    if exc.reason is Reason.REVIEW_UNAVAILABLE:
+                        log.warning("xds token recheck failed; stream kept", identity=identity.username,
+                                    error=exc.message)
+                        continue
+                    refused = exc
+            auth.refuse(refused, service="ads", peer=peer, identity=identity.username)
+            ended.append(refused)
+            stream_scope.cancel()
+            return
+
     async def _open(
         self,
         new_stream: type[AdsStream],
         requests: AsyncIterator[Any],
         context: grpc.aio.ServicerContext,
-    ) -> RequestRejected | None:
-        """Identify the proxy from its first request, then serve it until the stream ends."""
+    ) -> RequestRejected | XdsAuthRefused | None:
+        """Identify the proxy from its first request (with `auth`: check its token and that it may
+        serve that Gateway), accept it by sending the stream's headers, then serve it until the
+        stream ends.
+
+        Refusals come after the first request was read and before the headers: a client that waits
+        for the headers before writing more reads the refusal's status, not a failed write's.
+        """
         first = await anext(aiter(requests), None)
         if first is None:
             return None
+        peer = context.peer()
         try:
             node_id, gateway = node_identity(first.node, present=first.HasField("node"))
         except RequestRejected as exc:
-            log.warning("xds stream refused", peer=context.peer(), reason=str(exc))
+            log.warning("xds stream refused", peer=peer, reason=str(exc))
             return exc
         stream = new_stream(node_id, gateway, reconnect_window=self._reconnect_window)
+        if self.auth is None:
+            await context.send_initial_metadata(())
+            return await self._attach(stream, first, requests, context)
+        try:
+            identity, token = await self.auth.authenticate(
+                context.invocation_metadata(), service="ads", peer=peer, node=node_id, gateway=gateway
+            )
+            self.auth.authorize_gateway(identity, gateway, peer=peer, node_id=node_id)
+        except XdsAuthRefused as refused:
+            return refused
+        await context.send_initial_metadata(())
+        return await self._serve_authenticated(stream, first, requests, context, identity, token)
+
+    async def _attach(
+        self,
+        stream: AdsStream,
+        first: Any,
+        requests: AsyncIterator[Any],
+        context: grpc.aio.ServicerContext,
+        identity: ProxyIdentity | None = None,
+    ) -> RequestRejected | None:
+        """Register an accepted stream and serve it until it ends."""
+        node_id, gateway = stream.node_id, stream.gateway
         connection = ProxyConnection(stream, context.peer(), self._wall_clock())
         self.proxies.add(connection)
         self.metrics.connected_proxies.labels(stream.kind).inc()
-        log.info("xds stream opened", node=node_id, gateway=gateway, stream=stream.kind, peer=connection.peer)
+        log.info("xds stream opened", node=node_id, gateway=gateway, stream=stream.kind, peer=connection.peer,
+                 identity=identity.username if identity is not None else "")
         try:
             return await self._exchange(stream, connection, first, requests, context)
         finally:

@@ -19,6 +19,8 @@ Wiring::
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from functools import partial
 from typing import Final
 
 import anyio
@@ -38,8 +40,16 @@ MAX_PENDING: Final = 64
 class JwksRefreshClient:
     """Sends RefreshJwks calls to the control plane at `target` ("host:port", its gRPC address)."""
 
-    def __init__(self, target: str, *, call_timeout: float = DEFAULT_CALL_TIMEOUT) -> None:
+    def __init__(
+        self,
+        target: str,
+        *,
+        call_timeout: float = DEFAULT_CALL_TIMEOUT,
+        channel: Callable[[], grpc.aio.Channel] | None = None,
+    ) -> None:
         self.target = target
+        # Opens the channel (the worker's adds TLS and its xDS token); default: plaintext to `target`.
+        self._open_channel = channel or partial(grpc.aio.insecure_channel, target)
         self.call_timeout = call_timeout
         self._pending: dict[str, None] = {}
         self._wake: anyio.Event | None = None
@@ -64,7 +74,7 @@ class JwksRefreshClient:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Send requested refreshes until cancelled (one at a time, in request order)."""
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with self._open_channel() as channel:
             self._stub = keys_pb2_grpc.KeyServiceStub(channel)
             task_status.started()
             try:

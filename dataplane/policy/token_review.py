@@ -30,6 +30,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from types import MappingProxyType
 from typing import Any, Final
 
@@ -210,8 +211,11 @@ class TokenReviewClient:
         negative_ttl: float = DEFAULT_NEGATIVE_TTL,
         max_entries: int = DEFAULT_MAX_ENTRIES,
         clock: Callable[[], float] = time.time,
+        channel: Callable[[], grpc.aio.Channel] | None = None,
     ) -> None:
         self.target = target
+        # Opens the channel (the worker's adds TLS and its xDS token); default: plaintext to `target`.
+        self._open_channel = channel or partial(grpc.aio.insecure_channel, target)
         self.call_timeout = call_timeout
         self.ttl = ttl
         self.negative_ttl = negative_ttl
@@ -224,7 +228,7 @@ class TokenReviewClient:
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Hold the channel until cancelled."""
-        async with grpc.aio.insecure_channel(self.target) as channel:
+        async with self._open_channel() as channel:
             self._stub = keys_pb2_grpc.KeyServiceStub(channel)
             task_status.started()
             try:

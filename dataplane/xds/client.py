@@ -4,11 +4,13 @@ Each response becomes a candidate view of all types (state.py); the worker's app
 callback compiles and swaps it as one unit. If apply raises, the response is NACKed
 with the error text (naming the rejected resource) and the last good config keeps
 serving. The stream reconnects with capped, jittered exponential backoff; the proxy
-keeps serving while the control plane is away.
+keeps serving while the control plane is away. How the channel is secured and which token
+the stream presents (read again at each reconnect) is the `XdsTransport`'s (channel.py).
 """
 
 from __future__ import annotations
 
+import asyncio
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -23,6 +25,7 @@ from google.protobuf.message import Message
 from google.rpc import status_pb2
 
 from dataplane.metrics import WorkerMetrics
+from dataplane.xds.channel import XdsCredentialsError, XdsTransport
 from dataplane.xds.state import Candidate, ResponseRejected, SubscriptionState
 from shared.logging import get_logger
 from shared.resources import GATEWAY_METADATA_KEY, TYPE_ORDER, short_name
@@ -48,8 +51,16 @@ class AdsSettings:
 class AdsClient:
     """One long-lived ADS subscription; `run()` never returns until cancelled."""
 
-    def __init__(self, settings: AdsSettings, apply: ApplyConfig, metrics: WorkerMetrics | None = None) -> None:
+    def __init__(
+        self,
+        settings: AdsSettings,
+        apply: ApplyConfig,
+        metrics: WorkerMetrics | None = None,
+        *,
+        transport: XdsTransport | None = None,
+    ) -> None:
         self.settings = settings
+        self.transport = transport or XdsTransport(settings.target)
         self._apply = apply
         self._metrics = metrics or WorkerMetrics()
         self.state = SubscriptionState()
@@ -69,11 +80,14 @@ class AdsClient:
         while True:
             self._metrics.xds_reconnects.inc()
             try:
-                async with grpc.aio.insecure_channel(self.settings.target) as channel:
-                    await self._run_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel))
+                metadata = self.transport.stream_metadata()  # the token as the file holds it now
+                async with self.transport.channel() as channel:
+                    await self._run_stream(ads_pb2_grpc.AggregatedDiscoveryServiceStub(channel), metadata)
                 reason = "stream closed by the control plane"
             except grpc.aio.AioRpcError as exc:
                 reason = f"{exc.code().name}: {exc.details()}"
+            except XdsCredentialsError as exc:
+                reason = str(exc)
             finally:
                 was_connected = self.connected  # a response arrived on this stream
                 self.connected = False
@@ -156,11 +170,25 @@ class AdsClient:
             request.error_detail.CopyFrom(status_pb2.Status(code=_INVALID_ARGUMENT, message=error))
         return request
 
-    async def _run_stream(self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub) -> None:
+    async def _run_stream(
+        self, stub: ads_pb2_grpc.AggregatedDiscoveryServiceStub, metadata: tuple[tuple[str, str], ...] | None = None
+    ) -> None:
         delta = self.settings.mode == "delta"
-        call = stub.DeltaAggregatedResources() if delta else stub.StreamAggregatedResources()
-        for request in self._subscribe_requests():
-            await call.write(request)
+        call = (
+            stub.DeltaAggregatedResources(metadata=metadata) if delta
+            else stub.StreamAggregatedResources(metadata=metadata)
+        )
+        first, *rest = self._subscribe_requests()
+        await self._write(call, first)
+        # The control plane sends the stream's headers once it has accepted the proxy (its token and the
+        # Gateway the first request names). Writing the other subscriptions only then means a refusal
+        # is read with its own status: a write racing the server's end of the stream turns the status
+        # into INTERNAL "Internal error from Core" (grpc/grpc#36066).
+        await call.initial_metadata()
+        if call.done():
+            raise await _final_status(call)
+        for request in rest:
+            await self._write(call, request)
         while True:
             response = await call.read()
             if response is grpc.aio.EOF:
@@ -174,4 +202,20 @@ class AdsClient:
                 error = await self._apply_candidate(candidate)
             version = response.system_version_info if delta else response.version_info
             self._record(response.type_url, version, error)
-            await call.write(self._reply(response, error))
+            await self._write(call, self._reply(response, error))
+
+    @staticmethod
+    async def _write(call: grpc.aio.StreamStreamCall, request: Message) -> None:
+        """Write, or raise the stream's own status if the control plane has already ended it."""
+        try:
+            await call.write(request)
+        except asyncio.InvalidStateError:  # grpc.aio: "RPC already finished"
+            raise await _final_status(call) from None
+
+
+async def _final_status(call: grpc.aio.StreamStreamCall) -> grpc.aio.AioRpcError:
+    """The status an ended stream finished with, as the error `AdsClient.run` reports."""
+    return grpc.aio.AioRpcError(
+        await call.code(), grpc.aio.Metadata(), await call.trailing_metadata() or grpc.aio.Metadata(),
+        details=await call.details(),
+    )
