@@ -7,6 +7,12 @@ is translated whole (the translator is pure and fast), and the snapshot cache ke
 snapshot, waking no proxy, for every Gateway whose content did not change: only Gateways whose
 inputs changed are pushed.
 
+With the Kubernetes source, statuses are also written back (controlplane.status): the reconcile
+pass hands them to a `StatusWriter` without waiting, which writes them, and Warning Events for
+proxies' NACKs, in the background while this replica leads (`leader_election`: a Lease; without
+it, the only replica always leads). The folder source writes nothing: statuses are logged and
+served on the metrics port's /status.
+
 The source keeps the last good version of every object, the translator is pure, and the
 snapshot cache refuses an inconsistent snapshot, so a bad edit never takes down what is
 being served: it is reported (file, kind/name, field) and the previous config stays.
@@ -17,19 +23,28 @@ from __future__ import annotations
 import json
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import anyio
 from anyio.abc import TaskStatus
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest
 
-from controlplane.grpc_server import start_grpc_server
+from controlplane.grpc_server import RunningGrpcServer, start_grpc_server
 from controlplane.jwks import JwksFetcher
 from controlplane.jwks_wiring import JwksWiring
 from controlplane.snapshot import SnapshotCache, SnapshotInconsistent
 from controlplane.sources.folder import FolderSource, FolderState
 from controlplane.sources.kubernetes import KubernetesSource, KubernetesSourceSettings
+from controlplane.status import (
+    KubeJson,
+    LeaderElectionSettings,
+    LeaderElector,
+    NackWatcher,
+    StatusWriter,
+    StatusWriterSettings,
+    default_identity,
+)
 from controlplane.token_review import KubeApiConfig, KubeTokenReviewer, TokenReviewService
 from controlplane.translate import translate
 from controlplane.xds_auth import XdsAuthMode, XdsSecurity
@@ -55,6 +70,9 @@ class ControlPlaneSettings:
     kubernetes: KubernetesSourceSettings | None = None
     # TLS and proxy authentication on the gRPC port (default: plaintext, no authentication).
     xds_security: XdsSecurity = field(default_factory=XdsSecurity)
+    # With `kubernetes`: write status and Events only while holding this Lease (None: always).
+    leader_election: LeaderElectionSettings | None = None
+    status_writer: StatusWriterSettings = field(default_factory=StatusWriterSettings)
 
     def describe_source(self) -> str:
         if self.kubernetes is not None:
@@ -89,6 +107,9 @@ class ControlPlane:
     _translated: Mapping[str, ResourceMap] = field(default_factory=dict)
     errors: tuple[str, ...] = ()
     keys: JwksWiring = field(init=False)
+    # Set while `run` serves the Kubernetes source.
+    status_writer: StatusWriter | None = None
+    leader: LeaderElector | None = None
 
     def __post_init__(self) -> None:
         self.keys = JwksWiring(self.jwks)
@@ -123,6 +144,8 @@ class ControlPlane:
                          status=status.status)
         for key in set(self._statuses) - seen:
             del self._statuses[key]
+        if self.status_writer is not None:
+            self.status_writer.submit(result.statuses)
         self.errors = tuple(errors)
         report = ReconcileReport(tuple(published), self.errors, changes)
         for callback in self._listeners:
@@ -221,7 +244,7 @@ class ControlPlane:
                 log.info("control plane serving", xds_port=self.xds_port, metrics_port=self.metrics_port,
                          source=self.settings.describe_source())
                 started = False
-                async with self._source() as states:
+                async with self._status_writes(server), self._source() as states:
                     async for state in states:
                         self.reconcile(state)
                         if not started:
@@ -234,6 +257,47 @@ class ControlPlane:
                 if reviewer is not None:
                     self.token_review.reviewer = None
                     await reviewer.aclose()
+
+    @asynccontextmanager
+    async def _status_writes(self, server: RunningGrpcServer) -> AsyncIterator[None]:
+        """With the Kubernetes source: the status writer, the NACK watcher and (if configured) the
+        leader elector run while the block does; the Lease is released before the client closes."""
+        kube_api = self.settings.kube_api
+        if self.settings.kubernetes is None or kube_api is None:
+            yield
+            return
+        try:
+            api_client = await kube_api.api_client()  # its own: status writes never queue behind watches
+        except Exception as exc:  # ConfigException, OSError, YAML and key errors of a bad file
+            raise SystemExit(f"cannot use the {kube_api.describe()} for status writes: {exc}") from None
+        election = self.settings.leader_election
+        identity = (election.identity if election is not None else "") or default_identity()
+        writer = StatusWriter(KubeJson(api_client), self.settings.status_writer, identity=identity)
+        watcher = NackWatcher(server.proxies, self.cache, writer.record_nack, writer.set_rejections)
+        self.status_writer = writer
+        try:
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(writer.run)
+                tg.start_soon(watcher.run)
+                if election is not None:
+                    self.leader = LeaderElector(
+                        KubeJson(api_client, timeout=election.renew_deadline),
+                        replace(election, identity=identity),
+                        on_change=writer.set_leading,
+                    )
+                    tg.start_soon(self.leader.run)
+                    log.info("leader election", lease=f"{election.namespace}/{election.lease_name}",
+                             identity=identity)
+                else:
+                    writer.set_leading(True)
+                try:
+                    yield
+                finally:
+                    tg.cancel_scope.cancel()
+        finally:
+            self.status_writer = None
+            with anyio.CancelScope(shield=True):
+                await api_client.close()
 
     async def _connect_kube_api(self) -> KubeTokenReviewer | None:
         """The TokenReview client of `settings.kube_api`. A kubeconfig named on the command line that

@@ -16,6 +16,7 @@ from shared import logging as shared_logging
 from shared.signals import stop_on_signal
 
 if TYPE_CHECKING:
+    from controlplane.status import LeaderElectionSettings
     from controlplane.xds_auth import XdsSecurity
     from dataplane.xds.channel import XdsClientSecurity
 
@@ -53,6 +54,10 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     if args.debounce < 0:
         print("agentgate controlplane: --debounce must be >= 0", file=sys.stderr)
         return 2
+    leader_election = _leader_election(args)
+    if isinstance(leader_election, str):
+        print(f"agentgate controlplane: {leader_election}", file=sys.stderr)
+        return 2
     kube_api = KubeApiConfig.detect(args.kubeconfig)
     xds_security = _xds_server_security(args, kube_api is not None)
     if isinstance(xds_security, str):
@@ -71,7 +76,7 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
     settings = ControlPlaneSettings(
         config_dir=Path(args.config) if args.config is not None else None, xds_address=args.xds_address,
         metrics_host=args.metrics_host, metrics_port=args.metrics_port, kube_api=kube_api, kubernetes=kubernetes,
-        xds_security=xds_security,
+        xds_security=xds_security, leader_election=leader_election,
     )
 
     async def main() -> None:
@@ -84,6 +89,23 @@ def cmd_controlplane(args: argparse.Namespace) -> int:
 
     _run(main)
     return 0
+
+
+def _leader_election(args: argparse.Namespace) -> LeaderElectionSettings | str | None:
+    """The --leader-elect* flags as settings (None: off), or what is wrong with them."""
+    from controlplane.status import LeaderElectionSettings, default_namespace
+
+    if not args.leader_elect:
+        return None
+    if not args.kubernetes:
+        return "--leader-elect needs --kubernetes (the folder source writes no status)"
+    settings = LeaderElectionSettings(
+        lease_name=args.leader_elect_lease_name, namespace=args.leader_elect_namespace or default_namespace(),
+        lease_duration=args.leader_elect_lease_duration, renew_deadline=args.leader_elect_renew_deadline,
+        retry_period=args.leader_elect_retry_period,
+    )
+    problems = settings.problems()
+    return "; ".join(problems) if problems else settings
 
 
 def _xds_server_security(args: argparse.Namespace, has_kube_api: bool) -> XdsSecurity | str:
@@ -256,6 +278,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--xds-client-ca", default=None, metavar="PATH",
         help="require client certificates signed by this PEM CA bundle (mTLS; needs --xds-tls-cert)",
     )
+    cp.add_argument(
+        "--leader-elect", action="store_true",
+        help="with --kubernetes: write status and Events only while holding a coordination.k8s.io Lease "
+        "(every replica serves xDS); identity POD_NAME, else hostname.pid",
+    )
+    cp.add_argument("--leader-elect-lease-name", default="agentgate-controlplane", metavar="NAME")
+    cp.add_argument(
+        "--leader-elect-namespace", default="", metavar="NS",
+        help="the Lease's namespace (default POD_NAMESPACE, else the pod's service-account namespace, else default)",
+    )
+    cp.add_argument("--leader-elect-lease-duration", type=float, default=15.0, metavar="SECONDS",
+                    help="how long a Lease not renewed stays held")
+    cp.add_argument("--leader-elect-renew-deadline", type=float, default=10.0, metavar="SECONDS",
+                    help="the leader steps down when it could not renew for this long")
+    cp.add_argument("--leader-elect-retry-period", type=float, default=2.0, metavar="SECONDS",
+                    help="seconds between acquire and renew attempts")
     _add_common(cp)
     cp.set_defaults(func=cmd_controlplane)
 

@@ -13,6 +13,7 @@ import re
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 from controlplane.model.duration import parse_duration
 from controlplane.model.errors import ConfigError
@@ -80,9 +81,8 @@ FROM_NAMESPACES = ("All", "Same", "Selector")
 SELECTOR_OPERATORS = ("In", "NotIn", "Exists", "DoesNotExist")
 SERVICE_TYPES = ("ClusterIP", "NodePort", "LoadBalancer", "ExternalName")
 UPSTREAM_PROTOCOLS = ("HTTP1", "HTTP2")
-# Backend variants: exactly one key of spec names the kind of upstream. A later issue adds
-# "llm" here, with its own checker below.
-BACKEND_VARIANTS = ("static", "mcp", "a2a")
+# Backend variants: exactly one key of spec names the kind of upstream.
+BACKEND_VARIANTS = ("static", "mcp", "a2a", "llm")
 MCP_PREFIX_MODES = ("Conditional", "Always", "Never")
 MCP_FAILURE_MODES = ("FailClosed", "FailOpen")
 MCP_TARGET_PROTOCOLS = ("StreamableHTTP", "SSE")
@@ -99,6 +99,35 @@ A2A_AGENT_NAME = re.compile(rf"{_A2A_NAME_PART}(?:/{_A2A_NAME_PART})?")
 A2A_AGENT_NAME_RULE = (
     "use 'namespace/name' or 'name', each part of letters, digits, '.', '_' and '-' "
     "starting and ending with a letter or digit"
+)
+LLM_PROVIDER_TYPES = ("openai", "anthropic", "azure", "openaiCompatible")
+LLM_MAX_PROVIDERS = 32
+LLM_MAX_MODELS = 256
+LLM_MAX_REQUEST_BYTES = 1 << 30
+# Provider names: what logs, metrics and failover state call a provider. The proxy's config
+# compiler applies the same rule (dataplane/config/llm.py PROVIDER_NAME).
+LLM_PROVIDER_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
+# Model names as clients and providers write them ("gpt-4o", "claude-sonnet-4-5",
+# "meta-llama/Llama-3.1-8B-Instruct", "llama3:8b"): printable ASCII without spaces or quotes.
+# The proxy's config compiler applies the same rule (dataplane/config/llm.py MODEL_NAME).
+LLM_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,256}")
+LLM_AZURE_API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:-[a-z]+)?")
+# Headers the gateway sets itself on provider requests (framing, credentials from apiKeyRef).
+LLM_MANAGED_HEADERS = frozenset(
+    {
+        "host",
+        "content-length",
+        "content-type",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "te",
+        "upgrade",
+        "proxy-connection",
+        "authorization",
+        "x-api-key",
+        "api-key",
+    }
 )
 
 
@@ -644,6 +673,8 @@ def _backend(c: _Checker, obj: KubeObject) -> None:
         _upstream_tls(c, tls, "spec.tls")
         if "mcp" in spec:
             c.error("spec.tls", "not used by MCP backends: set it per target (spec.mcp.targets[].static.tls)")
+        if "llm" in spec:
+            c.error("spec.tls", "not used by LLM backends: set it per provider (spec.llm.providers[].tls)")
     c.duration(spec.get("connectTimeout"), "spec.connectTimeout")
     c.duration(spec.get("idleTimeout"), "spec.idleTimeout")
     c.integer(spec.get("maxConnections"), "spec.maxConnections", minimum=0, maximum=1_000_000)
@@ -853,10 +884,195 @@ def _session_key_ref(c: _Checker, ref: Mapping[str, Any], path: str) -> None:
 
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
+# --- spec.llm ---------------------------------------------------------------------------------
+
+_LLM_FIELDS = ("providers", "aliases", "failover", "maxRequestBytes", "streamUsage")
+_LLM_PROVIDER_FIELDS = (
+    "name",
+    "type",
+    "baseUrl",
+    "host",
+    "port",
+    "path",
+    "tls",
+    "apiKeyRef",
+    "priority",
+    "models",
+    "headers",
+    "azure",
+)
+
+
+def _llm_backend(c: _Checker, value: Any, path: str) -> None:
+    """Providers (address, credential, models, priority), aliases and failover of an LLM backend."""
+    llm = c.mapping(value, path, required=True)
+    if llm is None:
+        return
+    c.unknown_keys(llm, path, _LLM_FIELDS)
+    names: dict[str, str] = {}
+    providers = c.mappings(llm.get("providers"), f"{path}.providers", required=True, max_items=LLM_MAX_PROVIDERS)
+    for provider_path, provider in providers:
+        name = _llm_provider(c, provider, provider_path)
+        if name is not None:
+            if name in names:
+                c.error(f"{provider_path}.name", f"provider name {name!r} is already used by {names[name]}")
+            names.setdefault(name, provider_path)
+    aliases = c.mapping(llm.get("aliases"), f"{path}.aliases")
+    for alias, models in (aliases or {}).items():
+        alias_path = f"{path}.aliases.{alias}"
+        if not isinstance(alias, str) or not LLM_MODEL_NAME.fullmatch(alias):
+            c.error(f"{path}.aliases", f"invalid alias {alias!r}: {_LLM_MODEL_RULE}")
+            continue
+        if isinstance(models, str):
+            _llm_model(c, models, alias_path)
+            continue
+        for index, model in enumerate(c.items(models, alias_path, required=True, max_items=LLM_MAX_MODELS)):
+            _llm_model(c, model, f"{alias_path}[{index}]")
+    failover = c.mapping(llm.get("failover"), f"{path}.failover")
+    if failover is not None:
+        c.unknown_keys(failover, f"{path}.failover", ("consecutiveFailures", "ejectFor"))
+        c.integer(failover.get("consecutiveFailures"), f"{path}.failover.consecutiveFailures", minimum=1, maximum=1000)
+        eject = c.duration(failover.get("ejectFor"), f"{path}.failover.ejectFor")
+        if eject is not None and not 0 < eject.total_seconds() <= 3600:
+            c.error(f"{path}.failover.ejectFor", "must be greater than zero and at most 1h")
+    c.integer(llm.get("maxRequestBytes"), f"{path}.maxRequestBytes", minimum=1, maximum=LLM_MAX_REQUEST_BYTES)
+    c.boolean(llm.get("streamUsage"), f"{path}.streamUsage")
+
+
+_LLM_MODEL_RULE = "use 1-256 of letters, digits and . _ : / @ + -"
+
+
+def _llm_model(c: _Checker, value: Any, path: str, *, wildcard: bool = False) -> str | None:
+    model = c.string(value, path, required=True)
+    if model is None or (wildcard and model == "*"):
+        return model
+    if not LLM_MODEL_NAME.fullmatch(model):
+        c.error(path, f"invalid model name {model!r}: {_LLM_MODEL_RULE}")
+        return None
+    return model
+
+
+def _llm_provider(c: _Checker, provider: Mapping[str, Any], path: str) -> str | None:
+    """Checks one entry of spec.llm.providers; returns its name when valid."""
+    c.unknown_keys(provider, path, _LLM_PROVIDER_FIELDS)
+    name = c.string(provider.get("name"), f"{path}.name", required=True, max_length=63)
+    if name is not None and not LLM_PROVIDER_NAME.fullmatch(name):
+        c.error(f"{path}.name", f"invalid provider name {name!r}: use 1-63 of [A-Za-z0-9_-], starting and ending "
+                "with a letter or digit")  # fmt: skip
+        name = None
+    kind = c.string(provider.get("type"), f"{path}.type", required=True, enum=LLM_PROVIDER_TYPES)
+    # Where it is: a base URL as the provider's SDK takes it, or host/port/path (+ tls); the
+    # public providers have a default.
+    if "baseUrl" in provider:
+        for field in ("host", "port", "path"):
+            if field in provider:
+                c.error(f"{path}.{field}", "cannot be combined with baseUrl")
+        url = c.string(provider.get("baseUrl"), f"{path}.baseUrl", required=True, max_length=2048)
+        problem = None if url is None else base_url_problem(url)
+        if problem is not None:
+            c.error(f"{path}.baseUrl", problem)
+        elif url is not None and url.startswith("http://") and "tls" in provider:
+            c.error(f"{path}.tls", "an http:// baseUrl is cleartext: use https:// for TLS")
+    elif "host" in provider:
+        _static_host(c, provider, path)
+        provider_path = c.string(provider.get("path"), f"{path}.path", max_length=1024)
+        if provider_path:
+            problem = _path_problem(provider_path)
+            if problem is not None:
+                c.error(f"{path}.path", problem)
+    else:
+        for field in ("port", "path"):
+            if field in provider:
+                c.error(f"{path}.{field}", "only applies together with host")
+        if kind in ("azure", "openaiCompatible"):
+            c.error(path, f"baseUrl (or host and port) is required for type {kind}")
+    tls = c.mapping(provider.get("tls"), f"{path}.tls")
+    if tls is not None:
+        _upstream_tls(c, tls, f"{path}.tls")
+    key_ref = c.mapping(provider.get("apiKeyRef"), f"{path}.apiKeyRef")
+    if key_ref is not None:
+        _session_key_ref(c, key_ref, f"{path}.apiKeyRef")
+    elif kind is not None and kind != "openaiCompatible":
+        c.error(f"{path}.apiKeyRef", f"required for type {kind} (a Secret holding the provider's API key)")
+    c.integer(provider.get("priority"), f"{path}.priority", minimum=0, maximum=1_000_000)
+    seen: set[str] = set()
+    for index, model in enumerate(c.items(provider.get("models"), f"{path}.models", max_items=LLM_MAX_MODELS)):
+        checked = _llm_model(c, model, f"{path}.models[{index}]", wildcard=True)
+        if checked is not None:
+            if checked in seen:
+                c.error(f"{path}.models[{index}]", f"model {checked!r} is listed twice")
+            seen.add(checked)
+    header_names: set[str] = set()
+    for header_path, header in c.mappings(provider.get("headers"), f"{path}.headers", max_items=32):
+        c.unknown_keys(header, header_path, ("name", "value"))
+        header_name = c.header_name(header.get("name"), f"{header_path}.name")
+        if header_name is not None:
+            lowered = header_name.lower()
+            if lowered in LLM_MANAGED_HEADERS:
+                c.error(f"{header_path}.name", f"header {header_name!r} is set by the gateway (the API key comes "
+                        "from apiKeyRef)")  # fmt: skip
+            elif lowered in header_names:
+                c.error(f"{header_path}.name", f"header {header_name!r} appears twice")
+            header_names.add(lowered)
+        header_value = c.string(header.get("value"), f"{header_path}.value", required=True, max_length=4096)
+        if header_value is not None and (not header_value.isascii() or any(ch in header_value for ch in "\r\n\0")):
+            c.error(f"{header_path}.value", "must be ASCII without CR, LF or NUL")
+    azure = c.mapping(provider.get("azure"), f"{path}.azure")
+    if azure is None:
+        if kind == "azure":
+            c.error(f"{path}.azure", "required for type azure (apiVersion, optional deployments)")
+        return name
+    if kind is not None and kind != "azure":
+        c.error(f"{path}.azure", f"only applies to type azure, not {kind}")
+    c.unknown_keys(azure, f"{path}.azure", ("apiVersion", "deployments"))
+    version = c.string(azure.get("apiVersion"), f"{path}.azure.apiVersion", required=True)
+    if version is not None and not LLM_AZURE_API_VERSION.fullmatch(version):
+        c.error(f"{path}.azure.apiVersion", f"invalid api-version {version!r} (like 2024-10-21)")
+    deployments = c.mapping(azure.get("deployments"), f"{path}.azure.deployments")
+    for model, deployment in (deployments or {}).items():
+        if not isinstance(model, str) or not LLM_MODEL_NAME.fullmatch(model):
+            c.error(f"{path}.azure.deployments", f"invalid model name {model!r}: {_LLM_MODEL_RULE}")
+            continue
+        text = c.string(deployment, f"{path}.azure.deployments.{model}", required=True, max_length=64)
+        if text is not None and not _AZURE_DEPLOYMENT.fullmatch(text):
+            c.error(f"{path}.azure.deployments.{model}", f"invalid deployment name {text!r} (letters, digits, "
+                    "'.', '_' and '-')")  # fmt: skip
+    return name
+
+
+_AZURE_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
+
+
+def base_url_problem(url: str) -> str | None:
+    """None if `url` can be a provider's base URL (http or https, a host, optional port and path)."""
+    parsed = urlsplit(url)
+    if parsed.scheme not in ("http", "https"):
+        return f"invalid base URL {url!r}: must start with http:// or https://"
+    if parsed.username is not None or parsed.password is not None:
+        return f"invalid base URL {url!r}: must not carry credentials (use apiKeyRef)"
+    if parsed.query or parsed.fragment or url.endswith(("?", "#")):
+        return f"invalid base URL {url!r}: must not have a query or fragment"
+    try:
+        port = parsed.port
+    except ValueError:
+        return f"invalid base URL {url!r}: bad port"
+    host = parsed.hostname or ""
+    if not host or not (is_ip_address(host) or DNS_SUBDOMAIN.fullmatch(host)):
+        return f"invalid base URL {url!r}: needs a hostname or IP address"
+    if port == 0:
+        return f"invalid base URL {url!r}: port 0"
+    if parsed.path and parsed.path != "/":
+        problem = _path_problem(parsed.path)
+        if problem is not None:
+            return f"invalid base URL path {parsed.path!r}: {problem}"
+    return None
+
+
 _BACKEND_VARIANT_CHECKS: Mapping[str, Callable[[_Checker, Any, str], None]] = {
     "static": _static_backend,
     "mcp": _mcp_backend,
     "a2a": _a2a_backend,
+    "llm": _llm_backend,
 }
 
 _KIND_CHECKS: Mapping[str, Callable[[_Checker, KubeObject], None]] = {

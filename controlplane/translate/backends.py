@@ -30,22 +30,28 @@ from controlplane.translate.a2a import SERVICE_APP_PROTOCOL as A2A_APP_PROTOCOL
 from controlplane.translate.a2a import a2a_backend, service_a2a_backend
 from controlplane.translate.conditions import (
     ACCEPTED,
+    ATTACHED,
     REASON_ACCEPTED,
+    REASON_ATTACHED,
     REASON_BACKEND_NOT_FOUND,
     REASON_INVALID,
     REASON_INVALID_CA_CERTIFICATE_REF,
     REASON_INVALID_KIND,
+    REASON_NOT_REFERENCED,
     REASON_REF_NOT_PERMITTED,
     RefProblem,
     condition,
 )
 from controlplane.translate.index import ObjectIndex, describe_errors
+from controlplane.translate.llm import llm_backend
 from controlplane.translate.mcp import SERVICE_APP_PROTOCOL, mcp_backend, service_mcp_backend
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 
 # Service appProtocol values (GEP-1911) that select HTTP/2 with prior knowledge.
 _H2C_APP_PROTOCOLS = frozenset({"kubernetes.io/h2c"})
 _DEFAULT_CA_KEY = "ca.crt"
+# Routes an Attached message names before it only counts the rest (conditions stay readable).
+_USERS_SHOWN = 10
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +59,16 @@ class ResolvedBackend:
     key: str
     backend: pb.Backend
     targets: tuple[pb.Target, ...]
+
+
+def _attached(obj: KubeObject, users: Iterable[str]) -> dict[str, Any]:
+    used = sorted(users)
+    if not used:
+        message = "no HTTPRoute attached to a Gateway of this controller uses this Backend"
+        return condition(ATTACHED, False, REASON_NOT_REFERENCED, message, obj.generation)
+    more = len(used) - _USERS_SHOWN
+    shown = ", ".join(used[:_USERS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
+    return condition(ATTACHED, True, REASON_ATTACHED, f"used by {shown}", obj.generation)
 
 
 def duration_message(value: timedelta) -> Duration:
@@ -113,8 +129,9 @@ class BackendResolver:
             return RefProblem(REASON_BACKEND_NOT_FOUND, f"Backend {namespace}/{name} is not usable: {resolved.message}")
         return resolved
 
-    def statuses(self) -> list[tuple[KubeObject, dict[str, Any]]]:
-        """The status of every Backend of ours: Accepted, or why not."""
+    def statuses(self, users: Mapping[str, Iterable[str]]) -> list[tuple[KubeObject, dict[str, Any]]]:
+        """The status of every Backend of ours: Accepted, or why not; Attached, naming the routes
+        that use it on which Gateways (`users`: backend key -> "HTTPRoute ns/name on Gateway ns/name")."""
         result: list[tuple[KubeObject, dict[str, Any]]] = []
         for obj in self._index.of_kind(BACKEND):
             if obj.key not in self._ours:
@@ -124,10 +141,10 @@ class BackendResolver:
                 cond = condition(ACCEPTED, False, resolved.reason, resolved.message, obj.generation)
             else:
                 cond = condition(ACCEPTED, True, REASON_ACCEPTED, "Backend is accepted", obj.generation)
-            result.append((obj, {"conditions": [cond]}))
+            result.append((obj, {"conditions": [cond, _attached(obj, users.get(obj.ref, ()))]}))
         for obj, errors in self._index.invalid_of_kind(BACKEND):
             cond = condition(ACCEPTED, False, REASON_INVALID, describe_errors(errors), obj.generation)
-            result.append((obj, {"conditions": [cond]}))
+            result.append((obj, {"conditions": [cond, _attached(obj, ())]}))
         return result
 
     # --- Kubernetes Service ------------------------------------------------------------------
@@ -191,6 +208,9 @@ class BackendResolver:
             if isinstance(built, RefProblem):
                 return built
             return ResolvedBackend(key, backend, built)
+        if variant == "llm":
+            problem = llm_backend(obj, self._index, backend, self._upstream_tls)
+            return problem if problem is not None else ResolvedBackend(key, backend, ())
         if variant == "a2a":
             addresses = a2a_backend(obj, self._index, backend)
             if isinstance(addresses, RefProblem):
@@ -251,9 +271,9 @@ def _static_targets(key: str, static: Mapping[str, Any], backend: pb.Backend) ->
 
 
 # One builder per Backend variant (see model.validation.BACKEND_VARIANTS) that needs no other
-# objects: it sets the Backend's kind and returns its Targets. "mcp" resolves Secrets and "a2a"
-# may resolve a Service, so the resolver builds them (translate.mcp, translate.a2a); "llm"
-# arrives later.
+# objects: it sets the Backend's kind and returns its Targets. "mcp" and "llm" resolve Secrets
+# and "a2a" may resolve a Service, so the resolver builds them (translate.mcp, translate.a2a,
+# translate.llm).
 _VARIANT_BUILDERS: Mapping[str, Callable[[str, Any, pb.Backend], tuple[pb.Target, ...]]] = {
     "static": _static_targets,
 }

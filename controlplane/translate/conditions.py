@@ -1,8 +1,9 @@
 """Status conditions in the shape of metav1.Condition, and the reasons the Gateway API defines.
 
 `lastTransitionTime` is left out on purpose: the translator is pure and cannot know when a
-condition last changed. The status writer, which holds the previous status, sets it (keeping
-the old time when type, status and reason are unchanged).
+condition last changed. The status writer (controlplane/status/), which reads the previous
+status, sets it: the old time is kept while a condition's status stays the same (as
+metav1.Condition defines it), else the time of the write.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ PROGRAMMED = "Programmed"
 RESOLVED_REFS = "ResolvedRefs"
 CONFLICTED = "Conflicted"
 PARTIALLY_INVALID = "PartiallyInvalid"
+# Policy and Backend: whether the object takes effect somewhere (a Gateway's snapshot holds it).
+ATTACHED = "Attached"
 
 # Reasons (gateway.networking.k8s.io/v1 and our Backend kind).
 REASON_ACCEPTED = "Accepted"
@@ -40,6 +43,9 @@ REASON_INVALID_CA_CERTIFICATE_REF = "InvalidCACertificateRef"
 REASON_INVALID_SESSION_KEY_REF = "InvalidSessionKeyRef"
 # Policy attachment (GEP-713).
 REASON_TARGET_NOT_FOUND = "TargetNotFound"
+REASON_ATTACHED = "Attached"
+# A Backend no HTTPRoute attached to one of our Gateways refers to.
+REASON_NOT_REFERENCED = "NotReferenced"
 
 
 @dataclass(frozen=True, slots=True)

@@ -34,7 +34,9 @@ from controlplane.model.policy import TARGET_KINDS, rule_index, scrypt_hash_prob
 from controlplane.translate.backends import duration_message
 from controlplane.translate.conditions import (
     ACCEPTED,
+    ATTACHED,
     REASON_ACCEPTED,
+    REASON_ATTACHED,
     REASON_INVALID,
     REASON_TARGET_NOT_FOUND,
     condition,
@@ -125,7 +127,7 @@ def translate_policies(index: ObjectIndex, snapshots: Mapping[str, ResourceMap])
                 ref = pb.PolicyTargetRef(kind=target.kind, name=target.key)  # type: ignore[arg-type]
                 if ref not in message.targets:
                     message.targets.append(ref)
-        statuses.append((obj, {"conditions": [_accepted(obj, built, attached, missing)]}))
+        statuses.append((obj, {"conditions": [_accepted(obj, built, attached, missing), _attached(obj, attached)]}))
     for named in by_gateway.values():
         for message in named.values():
             ordered = sorted(message.targets, key=lambda t: (t.kind, t.name))
@@ -157,6 +159,13 @@ def _accepted(obj: KubeObject, built: pb.Policy | str, attached: list[str], miss
     if missing:
         message += f"; not attached: {'; '.join(missing)}"
     return condition(ACCEPTED, True, REASON_ACCEPTED, message, g)
+
+
+def _attached(obj: KubeObject, attached: list[str]) -> dict[str, Any]:
+    """Attached: whether any snapshot holds the policy (an invalid one too: fail-closed)."""
+    if not attached:
+        return condition(ATTACHED, False, REASON_TARGET_NOT_FOUND, "Policy is attached to no target", obj.generation)
+    return condition(ATTACHED, True, REASON_ATTACHED, f"Policy is attached to {', '.join(attached)}", obj.generation)
 
 
 # --- targets --------------------------------------------------------------------------------

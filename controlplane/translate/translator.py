@@ -125,10 +125,10 @@ def translate(objects: Iterable[KubeObject], *, controller_name: str = CONTROLLE
 
     for gateway in gateways.values():
         statuses.append(_status(gateway.obj, gateway.status()))
-    for obj, body in resolver.statuses():
-        statuses.append(_status(obj, body))
 
     snapshots = {key: _snapshot(gateways[key], attached.get(key, {})) for key in sorted(gateways)}
+    for obj, body in resolver.statuses(_backend_users(snapshots)):
+        statuses.append(_status(obj, body))
     policies = translate_policies(index, snapshots)
     snapshots = {key: {**resources, POLICY: policies.policies[key]} for key, resources in snapshots.items()}
     statuses.extend(_status(obj, body) for obj, body in policies.statuses)
@@ -167,6 +167,18 @@ def _snapshot(gateway: GatewayState, routes: Mapping[str, tuple[CompiledRoute, l
         ROUTE: route_resources,
     }
     return {type_url: dict(sorted(by_type.get(type_url, {}).items())) for type_url in TYPE_ORDER}
+
+
+def _backend_users(snapshots: Mapping[str, ResourceMap]) -> dict[str, set[str]]:
+    """Backend key -> the routes serving it, as "HTTPRoute ns/name on Gateway ns/name"."""
+    users: dict[str, set[str]] = defaultdict(set)
+    for gateway, resources in snapshots.items():
+        for route in resources[ROUTE].values():
+            assert isinstance(route, pb.Route)
+            for ref in route.backends:
+                if ref.backend:
+                    users[ref.backend].add(f"HTTPRoute {route.route_key} on Gateway {gateway}")
+    return users
 
 
 def _parent_refs(route: KubeObject) -> list[Mapping[str, Any]]:

@@ -19,6 +19,7 @@ from google.protobuf.message import Message
 
 from dataplane.config.a2a import compile_a2a_settings
 from dataplane.config.errors import ConfigRejected, ErrorList, ErrorReporter, ResourceError
+from dataplane.config.llm import compile_llm_settings
 from dataplane.config.mcp import compile_mcp_settings
 from dataplane.config.model import (
     DEFAULT_ALPN_PROTOCOLS,
@@ -139,6 +140,9 @@ def _compile_backends(
         if known and kinds.get(target.backend) == "mcp":
             report(target.WhichOneof("kind") or "kind", f"backend {target.backend} is MCP: its targets must be mcp")
             continue
+        if known and kinds.get(target.backend) == "llm":
+            report(target.WhichOneof("kind") or "kind", f"backend {target.backend} is LLM: its providers are in llm")
+            continue
         compiled = _compile_target(report, name, target)
         if compiled is not None and known:
             targets_of.setdefault(target.backend, []).append(compiled)
@@ -151,6 +155,8 @@ def _compile_backends(
         report = errors.reporter(BACKEND, name)
         if kinds.get(name) == "mcp":
             cluster = _compile_mcp_backend(errors, report, name, backend, mcp_targets_of.get(name, []), contexts)
+        elif kinds.get(name) == "llm":
+            cluster = _compile_llm_backend(report, name, backend, contexts)
         else:
             cluster = _compile_backend(report, name, backend, targets_of.get(name, []), contexts)
         if cluster is not None:
@@ -191,6 +197,38 @@ def _compile_mcp_backend(
         max_connections=pool.max_connections or DEFAULT_MAX_CONNECTIONS,
         kind="mcp",
         mcp=settings,
+    )
+
+
+def _compile_llm_backend(
+    report: ErrorReporter,
+    name: str,
+    backend: pb.Backend,
+    contexts: dict[tuple[bytes, bool, str], ssl.SSLContext | None],
+) -> UpstreamCluster | None:
+    """An LLM backend: its providers live in `cluster.llm` (each with its own address and TLS)."""
+    _check_name(report, name, backend.name)
+    protocol: UpstreamProtocolName = "http1"
+    if check_enum(report, "protocol", backend, "protocol"):
+        protocol = _UPSTREAM_PROTOCOLS[backend.protocol]
+
+    def context_for(provider_report: ErrorReporter, field: str, tls: pb.UpstreamTls) -> ssl.SSLContext | None:
+        return _client_context(provider_report, field, tls, protocol, contexts)
+
+    settings = compile_llm_settings(report, backend, context_for)
+    pool = backend.pool
+    connect_timeout = duration_seconds(report, "pool.connect_timeout", pool, "connect_timeout")
+    idle_timeout = duration_seconds(report, "pool.idle_timeout", pool, "idle_timeout")
+    if settings is None:
+        return None
+    return UpstreamCluster(
+        name=name,
+        protocol=protocol,
+        connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
+        idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
+        max_connections=pool.max_connections or DEFAULT_MAX_CONNECTIONS,
+        kind="llm",
+        llm=settings,
     )
 
 

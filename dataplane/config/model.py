@@ -30,6 +30,7 @@ DEFAULT_CONNECT_TIMEOUT = 5.0
 DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_MAX_CONNECTIONS = 1024
 DEFAULT_ALPN_PROTOCOLS: tuple[str, ...] = ("h2", "http/1.1")
+_EMPTY: Mapping = MappingProxyType({})
 
 
 def format_authority(host: str, port: int) -> str:
@@ -180,6 +181,107 @@ class A2aBackendSettings:
     signed_cards: A2aSignedCards = "strip"
 
 
+# --- LLM --------------------------------------------------------------------------------------
+
+# What a provider speaks: "openai" also covers OpenAI-compatible servers (vLLM, Ollama).
+LlmProviderType = Literal["openai", "anthropic", "azure", "openai_compatible"]
+
+DEFAULT_LLM_MAX_REQUEST_BYTES = 4 * 1024 * 1024
+DEFAULT_LLM_CONSECUTIVE_FAILURES = 3
+DEFAULT_LLM_EJECT_FOR = 30.0
+ANY_MODEL = "*"
+
+
+@dataclass(frozen=True, slots=True)
+class LlmProviderSettings:
+    """One provider as the LLM handler reads it: where it is, how to authenticate, what it serves.
+
+    `base_path` has no trailing '/' ("" or "/v1"); the API's paths are appended to it.
+    `auth_header` is the (lower-case name, value) the provider's API wants for `api_key`
+    (authorization Bearer, x-api-key, api-key), None without a key; it replaces whatever the
+    client sent. `headers` (lower-case names) go with every request. `anthropic_version` is the
+    anthropic-version this provider is sent (None for other types), which decides what a
+    translated request may carry.
+    """
+
+    name: str
+    type: LlmProviderType
+    host: str
+    port: int
+    base_path: str = ""
+    ssl_context: ssl.SSLContext | None = field(default=None, compare=False, repr=False)
+    # SNI and verification name; None means `host`.
+    server_name: str | None = None
+    # Kept out of repr so a log line or config dump of the compiled config never shows the key.
+    api_key: str = field(default="", repr=False)
+    auth_header: tuple[str, str] | None = field(default=None, repr=False)
+    headers: tuple[tuple[str, str], ...] = ()
+    priority: int = 0
+    # Models served; ("*",) serves any.
+    models: tuple[str, ...] = (ANY_MODEL,)
+    azure_api_version: str = ""
+    azure_deployments: Mapping[str, str] = field(default_factory=lambda: _EMPTY)
+    anthropic_version: str | None = None
+    authority: str = ""
+    serves_any: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        if not self.authority:
+            object.__setattr__(self, "authority", format_authority(self.host, self.port))
+        object.__setattr__(self, "serves_any", ANY_MODEL in self.models)
+
+    @property
+    def speaks_anthropic(self) -> bool:
+        return self.type == "anthropic"
+
+    def serves(self, model: str) -> bool:
+        return self.serves_any or model in self.models
+
+    def deployment(self, model: str) -> str:
+        """Azure: the deployment serving `model` (a model not mapped is its own deployment name)."""
+        return self.azure_deployments.get(model, model)
+
+
+@dataclass(frozen=True, slots=True)
+class LlmBackendSettings:
+    """An LLM backend as the LLM handler reads it: providers in failover order, aliases, limits.
+
+    `providers` is sorted by priority (stable: equal priorities keep the order written), so
+    the failover order of any model is a filter of it. `aliases` maps a client model name to
+    the provider models it stands for, tried in order. `stream_usage`: ask streaming OpenAI-type
+    upstreams for a usage chunk (stream_options.include_usage).
+    """
+
+    providers: tuple[LlmProviderSettings, ...]
+    aliases: Mapping[str, tuple[str, ...]] = field(default_factory=lambda: _EMPTY)
+    consecutive_failures: int = DEFAULT_LLM_CONSECUTIVE_FAILURES
+    eject_for: float = DEFAULT_LLM_EJECT_FOR
+    max_request_bytes: int = DEFAULT_LLM_MAX_REQUEST_BYTES
+    stream_usage: bool = True
+    # Model listed by name -> every provider serving it ("*" ones too), in failover order.
+    _listing: Mapping[str, tuple[LlmProviderSettings, ...]] = field(init=False, repr=False, compare=False)
+    _any: tuple[LlmProviderSettings, ...] = field(init=False, repr=False, compare=False)
+    _by_name: Mapping[str, LlmProviderSettings] = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        named = {model for provider in self.providers for model in provider.models if model != ANY_MODEL}
+        listing = {model: tuple(p for p in self.providers if p.serves(model)) for model in named}
+        object.__setattr__(self, "_listing", MappingProxyType(listing))
+        object.__setattr__(self, "_any", tuple(p for p in self.providers if p.serves_any))
+        object.__setattr__(self, "_by_name", MappingProxyType({p.name: p for p in self.providers}))
+
+    def providers_for(self, model: str) -> tuple[LlmProviderSettings, ...]:
+        """The providers serving `model` (no alias applied), in failover order; precomputed."""
+        return self._listing.get(model, self._any)
+
+    def provider(self, name: str) -> LlmProviderSettings | None:
+        return self._by_name.get(name)
+
+    def listed_models(self) -> tuple[str, ...]:
+        """The model names /v1/models shows: aliases and models listed by name, sorted."""
+        return tuple(sorted({*self.aliases, *self._listing}))
+
+
 @dataclass(frozen=True, slots=True)
 class UpstreamCluster:
     """A backend with its endpoints and the client settings to reach them."""
@@ -200,6 +302,8 @@ class UpstreamCluster:
     mcp: McpBackendSettings | None = None
     # Set when kind is "a2a"; the agent's endpoints are the ordinary `targets`.
     a2a: A2aBackendSettings | None = None
+    # Set when kind is "llm" (its providers are there; `targets` is then empty).
+    llm: LlmBackendSettings | None = None
     # Cumulative target weights, so a pick is one random draw and one bisect.
     _cumulative: tuple[int, ...] = field(init=False, repr=False, compare=False)
 
@@ -263,9 +367,6 @@ class ListenerGroup:
     def __post_init__(self) -> None:
         fingerprint = self.tls.fingerprint if self.tls is not None else None
         object.__setattr__(self, "bind_key", (self.address, self.port, fingerprint))
-
-
-_EMPTY: Mapping = MappingProxyType({})
 
 
 @dataclass(frozen=True, slots=True)

@@ -398,7 +398,7 @@ def test_backend_valid_forms() -> None:
 @pytest.mark.parametrize(
     ("spec", "field", "message"),
     [
-        ({}, "spec", "one of static, mcp, a2a is required"),
+        ({}, "spec", "one of static, mcp, a2a, llm is required"),
         ({"static": {"host": "h", "port": 80}, "protcol": "HTTP2"}, "spec.protcol", "unknown field"),
         ({"static": {"host": "h", "port": 80}, "protocol": "HTTP3"}, "spec.protocol", "unsupported value"),
         ({"static": {"host": "h"}}, "spec.static.port", "required"),

@@ -346,8 +346,86 @@ class A2aBackend(_message.Message):
     def __init__(self, agent_name: _Optional[str] = ..., base_path: _Optional[str] = ..., max_request_bytes: _Optional[int] = ..., signed_cards: _Optional[_Union[A2aBackend.SignedCards, str]] = ...) -> None: ...
 
 class LlmBackend(_message.Message):
-    __slots__ = ()
-    def __init__(self) -> None: ...
+    __slots__ = ("providers", "aliases", "failover", "max_request_bytes", "stream_usage_disabled")
+    PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    ALIASES_FIELD_NUMBER: _ClassVar[int]
+    FAILOVER_FIELD_NUMBER: _ClassVar[int]
+    MAX_REQUEST_BYTES_FIELD_NUMBER: _ClassVar[int]
+    STREAM_USAGE_DISABLED_FIELD_NUMBER: _ClassVar[int]
+    providers: _containers.RepeatedCompositeFieldContainer[LlmProvider]
+    aliases: _containers.RepeatedCompositeFieldContainer[LlmModelAlias]
+    failover: LlmFailover
+    max_request_bytes: int
+    stream_usage_disabled: bool
+    def __init__(self, providers: _Optional[_Iterable[_Union[LlmProvider, _Mapping]]] = ..., aliases: _Optional[_Iterable[_Union[LlmModelAlias, _Mapping]]] = ..., failover: _Optional[_Union[LlmFailover, _Mapping]] = ..., max_request_bytes: _Optional[int] = ..., stream_usage_disabled: _Optional[bool] = ...) -> None: ...
+
+class LlmModelAlias(_message.Message):
+    __slots__ = ("name", "models")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    models: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., models: _Optional[_Iterable[str]] = ...) -> None: ...
+
+class LlmFailover(_message.Message):
+    __slots__ = ("consecutive_failures", "eject_for")
+    CONSECUTIVE_FAILURES_FIELD_NUMBER: _ClassVar[int]
+    EJECT_FOR_FIELD_NUMBER: _ClassVar[int]
+    consecutive_failures: int
+    eject_for: _duration_pb2.Duration
+    def __init__(self, consecutive_failures: _Optional[int] = ..., eject_for: _Optional[_Union[datetime.timedelta, _duration_pb2.Duration, _Mapping]] = ...) -> None: ...
+
+class LlmProvider(_message.Message):
+    __slots__ = ("name", "type", "address", "tls", "base_path", "api_key", "priority", "models", "headers", "azure")
+    class Type(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        TYPE_UNSPECIFIED: _ClassVar[LlmProvider.Type]
+        TYPE_OPENAI: _ClassVar[LlmProvider.Type]
+        TYPE_ANTHROPIC: _ClassVar[LlmProvider.Type]
+        TYPE_AZURE_OPENAI: _ClassVar[LlmProvider.Type]
+        TYPE_OPENAI_COMPATIBLE: _ClassVar[LlmProvider.Type]
+    TYPE_UNSPECIFIED: LlmProvider.Type
+    TYPE_OPENAI: LlmProvider.Type
+    TYPE_ANTHROPIC: LlmProvider.Type
+    TYPE_AZURE_OPENAI: LlmProvider.Type
+    TYPE_OPENAI_COMPATIBLE: LlmProvider.Type
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    TLS_FIELD_NUMBER: _ClassVar[int]
+    BASE_PATH_FIELD_NUMBER: _ClassVar[int]
+    API_KEY_FIELD_NUMBER: _ClassVar[int]
+    PRIORITY_FIELD_NUMBER: _ClassVar[int]
+    MODELS_FIELD_NUMBER: _ClassVar[int]
+    HEADERS_FIELD_NUMBER: _ClassVar[int]
+    AZURE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: LlmProvider.Type
+    address: SocketAddress
+    tls: UpstreamTls
+    base_path: str
+    api_key: str
+    priority: int
+    models: _containers.RepeatedScalarFieldContainer[str]
+    headers: _containers.RepeatedCompositeFieldContainer[HttpHeader]
+    azure: LlmAzure
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[LlmProvider.Type, str]] = ..., address: _Optional[_Union[SocketAddress, _Mapping]] = ..., tls: _Optional[_Union[UpstreamTls, _Mapping]] = ..., base_path: _Optional[str] = ..., api_key: _Optional[str] = ..., priority: _Optional[int] = ..., models: _Optional[_Iterable[str]] = ..., headers: _Optional[_Iterable[_Union[HttpHeader, _Mapping]]] = ..., azure: _Optional[_Union[LlmAzure, _Mapping]] = ...) -> None: ...
+
+class LlmAzure(_message.Message):
+    __slots__ = ("api_version", "deployments")
+    API_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENTS_FIELD_NUMBER: _ClassVar[int]
+    api_version: str
+    deployments: _containers.RepeatedCompositeFieldContainer[LlmAzureDeployment]
+    def __init__(self, api_version: _Optional[str] = ..., deployments: _Optional[_Iterable[_Union[LlmAzureDeployment, _Mapping]]] = ...) -> None: ...
+
+class LlmAzureDeployment(_message.Message):
+    __slots__ = ("model", "deployment")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    DEPLOYMENT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    deployment: str
+    def __init__(self, model: _Optional[str] = ..., deployment: _Optional[str] = ...) -> None: ...
 
 class Target(_message.Message):
     __slots__ = ("name", "backend", "weight", "address", "mcp")

@@ -1,0 +1,131 @@
+"""What the LLM modules share about the wire: the two API formats and server-sent events.
+
+`SseParser` is an incremental event-stream parser (sans-I/O): fed bytes as they arrive, split
+anywhere (inside a line, between CR and LF), it returns the complete events, keeping at most
+`cap` bytes of an unfinished event. The usage meter (usage.py) has its own reader because it
+only looks for one key and must never hold anything back; translators need every event whole.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+# The API a client speaks (and so the shape of every answer it gets): OpenAI's chat
+# completions family, or Anthropic's messages.
+ApiFormat = Literal["openai", "anthropic"]
+
+# Bytes of one unfinished event (its lines so far) kept at most.
+DEFAULT_EVENT_CAP: Final = 1024 * 1024
+_COMPACT: Final = (",", ":")
+
+
+@dataclass(frozen=True, slots=True)
+class SseEvent:
+    """One dispatched event: its `event` field ("" when absent) and its data lines joined by LF."""
+
+    event: str
+    data: str
+
+
+class SseTooLarge(ValueError):
+    """An event grew past the parser's cap: the stream cannot be followed any further."""
+
+
+class SseParser:
+    """Splits an event stream into events (WHATWG rules: LF, CR or CRLF line ends, `:` comments,
+    one optional space after the colon, an event dispatched at a blank line). Fields other than
+    `event` and `data` (id, retry) are ignored."""
+
+    __slots__ = ("_after_cr", "_cap", "_data", "_event", "_line", "_size")
+
+    def __init__(self, cap: int = DEFAULT_EVENT_CAP) -> None:
+        self._cap = cap
+        self._line = bytearray()
+        self._after_cr = False
+        self._event = ""
+        self._data: list[str] = []
+        self._size = 0
+
+    @property
+    def pending(self) -> bool:
+        """True while part of an event has been seen but not dispatched."""
+        return bool(self._line or self._data or self._event)
+
+    def feed(self, chunk: bytes) -> list[SseEvent]:
+        """The events `chunk` completes; raises SseTooLarge past the cap."""
+        events: list[SseEvent] = []
+        pos = 0
+        size = len(chunk)
+        if self._after_cr and size:
+            self._after_cr = False
+            if chunk[0] == 0x0A:
+                pos = 1
+        while pos < size:
+            lf = chunk.find(b"\n", pos)
+            cr = chunk.find(b"\r", pos, lf if lf >= 0 else size)
+            end = cr if cr >= 0 else lf
+            if end < 0:
+                self._grow(chunk[pos:])
+                break
+            self._grow(chunk[pos:end])
+            line = bytes(self._line)
+            self._line.clear()
+            self._size -= len(line)
+            pos = end + 1
+            if end == cr:
+                if pos == size:
+                    self._after_cr = True
+                elif chunk[pos] == 0x0A:
+                    pos += 1
+            event = self._line_done(line)
+            if event is not None:
+                events.append(event)
+        return events
+
+    def _grow(self, piece: bytes) -> None:
+        self._size += len(piece)
+        if self._size > self._cap:
+            raise SseTooLarge(f"an event larger than {self._cap} bytes")
+        self._line += piece
+
+    def _line_done(self, line: bytes) -> SseEvent | None:
+        if not line:
+            if not self._data and not self._event:
+                return None
+            event = SseEvent(self._event, "\n".join(self._data))
+            self._event = ""
+            self._data = []
+            self._size = 0
+            return event
+        if line[0] == 0x3A:  # comment
+            return None
+        name, colon, value = line.partition(b":")
+        if colon and value[:1] == b" ":
+            value = value[1:]
+        text = value.decode("utf-8", "replace")
+        if name == b"data":
+            self._data.append(text)
+            self._size += len(value) + 1
+        elif name == b"event":
+            self._event = text
+        return None
+
+
+def json_bytes(document: Any) -> bytes:
+    """Compact JSON, UTF-8 (non-ASCII kept as is, like the providers send it)."""
+    return json.dumps(document, separators=_COMPACT, ensure_ascii=False).encode()
+
+
+def sse_data(document: Any) -> bytes:
+    """One OpenAI-style event: a data line only."""
+    return b"data: " + json_bytes(document) + b"\n\n"
+
+
+def sse_named(name: str, document: Any) -> bytes:
+    """One Anthropic-style event: its type as the event name, then the data."""
+    return b"event: " + name.encode() + b"\ndata: " + json_bytes(document) + b"\n\n"
+
+
+OPENAI_DONE: Final = b"data: [DONE]\n\n"
