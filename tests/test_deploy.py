@@ -178,6 +178,8 @@ def _walk(value: Any, schema: Mapping[str, Any], path: str, *, evaluate: bool) -
                 yield from _walk(item, sub, f"{path}.{key}" if path else key, evaluate=evaluate)
     elif isinstance(value, list):
         keys = schema.get("x-kubernetes-list-map-keys")
+        if schema.get("x-kubernetes-list-type") == "set" and len(set(map(json.dumps, value))) < len(value):
+            yield f"{path}: duplicate entries in a set"
         if keys:
             seen: set[tuple[Any, ...]] = set()
             for item in value:
@@ -539,6 +541,8 @@ STDIO = {"name": "local", "stdio": {"command": "server"}}
 JWKS = {"remote": {"url": "https://idp.example.com/jwks"}}
 SA = {"issuer": "https://kubernetes.default.svc", "audiences": ["agentgate"]}
 LIMIT = {"name": "l", "capacity": 10, "per": "1m"}
+OPENAI = {"name": "openai", "type": "openai", "apiKeyRef": KEY}
+LOCAL = {"name": "local", "type": "openaiCompatible", "host": "127.0.0.1", "port": 8000}
 
 # Objects both the validators and the schema must refuse; each is one mistake.
 INVALID = {
@@ -586,6 +590,37 @@ INVALID = {
     "a2a three-part name": _backend(a2a={"static": STATIC, "agentName": "a/b/c"}),
     "a2a signedCards case": _backend(a2a={"static": STATIC, "signedCards": "strip"}),
     "a2a body limit": _backend(a2a={"static": STATIC, "maxRequestBytes": 0}),
+    "llm without providers": _backend(llm={"providers": []}),
+    "llm unknown field": _backend(llm={"providers": [OPENAI], "retries": 3}),
+    "llm repeated provider": _backend(llm={"providers": [OPENAI, OPENAI]}),
+    "llm bad type": _backend(llm={"providers": [{**OPENAI, "type": "OpenAI"}]}),
+    "llm provider name": _backend(llm={"providers": [{**OPENAI, "name": "open ai"}]}),
+    "llm tls on the backend": _backend(llm={"providers": [OPENAI]}, tls={}),
+    "llm baseUrl and host": _backend(llm={"providers": [{**LOCAL, "baseUrl": "http://127.0.0.1:8000"}]}),
+    "llm host without port": _backend(llm={"providers": [{**OPENAI, "host": "h"}]}),
+    "llm path without host": _backend(llm={"providers": [{**OPENAI, "path": "/v1"}]}),
+    "llm compatible without address": _backend(llm={"providers": [{"name": "x", "type": "openaiCompatible"}]}),
+    "llm openai without key": _backend(llm={"providers": [{"name": "openai", "type": "openai"}]}),
+    "llm azure without azure": _backend(
+        llm={"providers": [{**OPENAI, "type": "azure", "baseUrl": "https://r.openai.azure.com"}]}
+    ),
+    "llm azure on openai": _backend(llm={"providers": [{**OPENAI, "azure": {"apiVersion": "2024-10-21"}}]}),
+    "llm azure api version": _backend(
+        llm={
+            "providers": [
+                {**OPENAI, "type": "azure", "baseUrl": "https://r.openai.azure.com", "azure": {"apiVersion": "v1"}}
+            ]
+        }
+    ),
+    "llm credentials in baseUrl": _backend(llm={"providers": [{**OPENAI, "baseUrl": "https://u:p@api.example.com"}]}),
+    "llm baseUrl with //": _backend(llm={"providers": [{**OPENAI, "baseUrl": "https://api.example.com//v1"}]}),
+    "llm tls over http": _backend(llm={"providers": [{**OPENAI, "baseUrl": "http://api.example.com", "tls": {}}]}),
+    "llm model name": _backend(llm={"providers": [{**OPENAI, "models": ["gpt 4o"]}]}),
+    "llm model twice": _backend(llm={"providers": [{**OPENAI, "models": ["gpt-4o", "gpt-4o"]}]}),
+    "llm managed header": _backend(llm={"providers": [{**OPENAI, "headers": [{"name": "X-Api-Key", "value": "k"}]}]}),
+    "llm eject over an hour": _backend(llm={"providers": [OPENAI], "failover": {"ejectFor": "2h"}}),
+    "llm no failures": _backend(llm={"providers": [OPENAI], "failover": {"consecutiveFailures": 0}}),
+    "llm body limit": _backend(llm={"providers": [OPENAI], "maxRequestBytes": 0}),
     "no section": _policy(),
     "no targetRefs": _policy(targetRefs=[], cors={"allowOrigins": ["*"]}),
     "target kind": _policy(targetRefs=[{"kind": "Service", "name": "s"}], cors={"allowOrigins": ["*"]}),
@@ -679,6 +714,17 @@ def test_cross_field_rules_are_what_refuses_them() -> None:
         "zero per",
         "leeway over 10m",
         "repeated target",
+        "llm tls on the backend",
+        "llm baseUrl and host",
+        "llm host without port",
+        "llm compatible without address",
+        "llm openai without key",
+        "llm azure without azure",
+        "llm azure on openai",
+        "llm tls over http",
+        "llm baseUrl with //",
+        "llm eject over an hour",
+        "llm managed header",
     ):
         doc = INVALID[case]
         assert list(json_validator(doc["kind"]).iter_errors(doc)) == [], case

@@ -8,7 +8,9 @@ validators accept is refused by the schema (or one they refuse passes where a sc
 What a structural schema cannot say is left to the validators, which the control plane runs anyway
 and reports in status: CEL syntax of policy rules, JWKS document contents, a Policy's targetRefs
 namespace (a rule cannot read metadata.namespace), case-insensitive duplicate header names, stdio
-environment variable names (map keys have no length bound, so no rule over them has a bounded cost).
+environment variable names and the model names keying LLM aliases and Azure deployments (map keys
+have no length bound, so no rule over them has a bounded cost), and the values of LLM aliases (a model
+name or a list of them: no structural type says "string or list").
 Some bounds exist only here (maxItems, maxLength, maxProperties where the validators set none, all
 far above real use): the API server needs them to bound the cost of the CEL rules.
 
@@ -136,6 +138,7 @@ def array(
     *,
     min_items: int = 0,
     map_keys: tuple[str, ...] = (),
+    unique: bool = False,
     rules: tuple[Schema, ...] = (),
     description: str = "",
 ) -> Schema:
@@ -149,6 +152,9 @@ def array(
         # The API server refuses two entries with the same keys (and merges by them on apply).
         schema["x-kubernetes-list-type"] = "map"
         schema["x-kubernetes-list-map-keys"] = list(map_keys)
+    elif unique:
+        # Scalar entries: the API server refuses one listed twice.
+        schema["x-kubernetes-list-type"] = "set"
     schema["items"] = items
     if rules:
         schema["x-kubernetes-validations"] = list(rules)
@@ -359,6 +365,143 @@ def a2a_backend() -> Schema:
     )
 
 
+# The path rules of path_value(), for the path of a URL (after scheme://authority).
+_URL_PATH_BAD = r"^[A-Za-z]+://[^/]*(/.*)?//|^[A-Za-z]+://[^/]*(/.*)?/\.\.?(/.*)?$|^[A-Za-z]+://[^/]*/.*%2[fF]"
+# validation.py base_url_problem: http(s), a hostname or IP address, an optional port (1-65535, as
+# urlsplit reads it: leading zeros allowed, empty means none), a path; no credentials, query or fragment.
+_PORT_NUMBER = r"0*(?:[1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])"
+BASE_URL = (
+    r"^[Hh][Tt][Tt][Pp][Ss]?://"
+    r"(?:[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?(\.[A-Za-z0-9]([-A-Za-z0-9]*[A-Za-z0-9])?)*"
+    r"|\[[0-9A-Fa-f.:]*:[0-9A-Fa-f:.]*(%[A-Za-z0-9._-]+)?\])"
+    rf"(?::(?:{_PORT_NUMBER})?)?"
+    rf"(?:/(?:{PATH_VALUE.pattern})?)?$"
+)
+
+
+def llm_backend() -> Schema:
+    """validation.py _llm_backend and _llm_provider."""
+    model_name = backend_model.LLM_MODEL_NAME.pattern
+    model = string(256, min_length=1, pattern=f"^(?:\\*|{model_name})$", description="A model, or '*' for any")
+    base_url = string(2048, min_length=1, pattern=BASE_URL, description="The provider's base URL, as its SDK takes it")
+    base_url["x-kubernetes-validations"] = [
+        {
+            "rule": f"!self.matches({cel_string(_URL_PATH_BAD)})",
+            "message": "the path must not contain '//', '/./', '/../' or an encoded '/', nor end with '/.' or '/..'",
+        }
+    ]
+    host, port = host_port()
+    provider_path = string(
+        1024, pattern=f"^(?:/(?:{PATH_VALUE.pattern})?)?$", description="Base path of the provider's API"
+    )
+    provider_path["x-kubernetes-validations"] = path_value("")["x-kubernetes-validations"]
+    managed = "|".join(sorted(backend_model.LLM_MANAGED_HEADERS))
+    header_name = dict(HEADER_NAME_SCHEMA)
+    header_name["x-kubernetes-validations"] = [
+        {
+            "rule": f"!self.matches('(?i)^({managed})$')",
+            "message": "this header is set by the gateway (the API key comes from apiKeyRef)",
+        }
+    ]
+    header_entry = obj({"name": header_name, "value": string(4096, pattern=HEADER_VALUE)}, required=("name", "value"))
+    deployment = string(64, min_length=1, pattern=anchored(backend_model._AZURE_DEPLOYMENT.pattern))
+    azure = obj(
+        {
+            "apiVersion": string(
+                64,
+                min_length=1,
+                pattern=anchored(backend_model.LLM_AZURE_API_VERSION.pattern),
+                description="e.g. 2024-10-21",
+            ),
+            "deployments": {
+                "type": "object",
+                "description": "Deployment name per model",
+                "maxProperties": 1024,
+                "additionalProperties": deployment,
+            },
+        },
+        required=("apiVersion",),
+    )
+    name = string(
+        63,
+        min_length=1,
+        pattern=anchored(backend_model.LLM_PROVIDER_NAME.pattern),
+        description="Names the provider in logs and metrics",
+    )
+    # Types with no public default address.
+    needs_address = [t for t in backend_model.LLM_PROVIDER_TYPES if t in ("azure", "openaiCompatible")]
+    provider = obj(
+        {
+            "name": name,
+            "type": enum(backend_model.LLM_PROVIDER_TYPES),
+            "baseUrl": base_url,
+            "host": host,
+            "port": port,
+            "path": provider_path,
+            "tls": upstream_tls(),
+            "apiKeyRef": key_ref(),
+            "priority": integer(0, 1_000_000, "Lower is tried first; equal priorities share traffic"),
+            "models": array(
+                model, backend_model.LLM_MAX_MODELS, unique=True, description="Served models (default '*')"
+            ),
+            "headers": array(header_entry, 32, map_keys=("name",)),
+            "azure": azure,
+        },
+        required=("name", "type"),
+        rules=(
+            {
+                "rule": "!has(self.baseUrl) || !(has(self.host) || has(self.port) || has(self.path))",
+                "message": "host, port and path cannot be combined with baseUrl",
+            },
+            {
+                "rule": "has(self.host) ? has(self.port) : !has(self.port) && !has(self.path)",
+                "message": "host needs port; port and path only apply together with host",
+            },
+            {
+                "rule": f"has(self.baseUrl) || has(self.host) || !(self.type in {needs_address!r})",
+                "message": f"baseUrl (or host and port) is required for type {' and '.join(needs_address)}",
+            },
+            {
+                "rule": "!(has(self.tls) && has(self.baseUrl) && self.baseUrl.startsWith('http://'))",
+                "message": "an http:// baseUrl is cleartext: use https:// for TLS",
+            },
+            {
+                "rule": "has(self.apiKeyRef) || self.type == 'openaiCompatible'",
+                "message": "apiKeyRef (a Secret holding the provider's API key) is required "
+                "unless type is openaiCompatible",
+            },
+            {
+                "rule": "has(self.azure) || self.type != 'azure'",
+                "message": "azure (apiVersion) is required for type azure",
+            },
+            {"rule": "!has(self.azure) || self.type == 'azure'", "message": "azure only applies to type azure"},
+        ),
+    )
+    aliases = {
+        "type": "object",
+        "description": "Model names clients may send, each standing for a model or a list of models "
+        "(checked by the control plane)",
+        "x-kubernetes-preserve-unknown-fields": True,
+    }
+    failover = obj(
+        {
+            "consecutiveFailures": integer(1, 1000, "Failures in a row that eject a provider"),
+            "ejectFor": duration(positive=True, at_most="1h"),
+        }
+    )
+    return obj(
+        {
+            "providers": array(provider, backend_model.LLM_MAX_PROVIDERS, min_items=1, map_keys=("name",)),
+            "aliases": aliases,
+            "failover": failover,
+            "maxRequestBytes": integer(1, backend_model.LLM_MAX_REQUEST_BYTES),
+            "streamUsage": boolean("Ask streaming providers to report token usage"),
+        },
+        required=("providers",),
+        description="Model providers (OpenAI, Anthropic, Azure OpenAI, OpenAI-compatible) behind one endpoint",
+    )
+
+
 def backend_spec() -> Schema:
     variants = backend_model.BACKEND_VARIANTS
     return obj(
@@ -366,6 +509,7 @@ def backend_spec() -> Schema:
             "static": static_backend(),
             "mcp": mcp_backend(),
             "a2a": a2a_backend(),
+            "llm": llm_backend(),
             "protocol": enum(backend_model.UPSTREAM_PROTOCOLS),
             "tls": upstream_tls(),
             "connectTimeout": duration(),
@@ -377,6 +521,10 @@ def backend_spec() -> Schema:
             {
                 "rule": "!(has(self.tls) && has(self.mcp))",
                 "message": "tls is not used by MCP backends: set it per target",
+            },
+            {
+                "rule": "!(has(self.tls) && has(self.llm))",
+                "message": "tls is not used by LLM backends: set it per provider",
             },
         ),
     )
@@ -783,7 +931,8 @@ def backend_crd() -> Schema:
         "backends",
         "agbackend",
         backend_spec(),
-        "An upstream of agentgate routes: fixed hosts (static), federated MCP servers (mcp) or an A2A agent (a2a).",
+        "An upstream of agentgate routes: fixed hosts (static), federated MCP servers (mcp), an A2A agent (a2a) "
+        "or model providers (llm).",
     )
 
 
