@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import socket
 from collections.abc import AsyncIterator
 
@@ -24,11 +25,28 @@ async def shared_event_loop() -> AsyncIterator[None]:
     yield
 
 
+# Ports below the kernel's ephemeral range (ip_local_port_range, 32768-60999 by default), so the
+# outgoing connections of the tests' own clients and servers never take a port between the moment it
+# is chosen here and the moment a server binds it; each is handed out once per test process.
+_PORT_RANGE = (20000, 32767)
+_handed_out: set[int] = set()
+_random = random.Random()
+
+
 def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    """A TCP port on 127.0.0.1 that nothing listens on right now and no other caller got."""
+    for _ in range(1000):
+        port = _random.randint(*_PORT_RANGE)
+        if port in _handed_out:
+            continue
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
+    raise RuntimeError(f"no free port in {_PORT_RANGE} after 1000 tries")
 
 
 @pytest.fixture

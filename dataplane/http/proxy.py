@@ -33,6 +33,7 @@ from dataplane.http.errors import (
 )
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
+from dataplane.llm.handler import LlmHandler, LlmRequest
 from dataplane.llm.metering import Charge, MeteredSink
 from dataplane.llm.usage import TokenUsage
 from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
@@ -203,6 +204,8 @@ class ProxyHandler:
         self.a2a = A2aHandler()
         # Metrics, traces and the access log (the worker sets its recorders; all off by default).
         self.observability = Observability()
+        # LLM backends: provider upstreams built with each config; provider health outlives configs.
+        self.llm = LlmHandler(pools, lambda: self.observability)
         # (bind, route) -> the listener name the route lists for that bind (metrics and log label).
         self._listener_names: dict[tuple[tuple[str, int], str], str] = {}
         self._config = RuntimeConfig.empty()
@@ -229,6 +232,7 @@ class ProxyHandler:
         for compiling, and table and config change together (no await in between)."""
         table = self.policies.compile(config)
         self.a2a.apply(config)
+        self.llm.apply(config)
         self.policies.activate(table)
         self._listener_names = _listener_names(config)
         self._policy_table = table
@@ -459,8 +463,18 @@ class ProxyHandler:
         if cluster.kind == "a2a" and cluster.a2a is not None:
             await self._serve_a2a(request, sink, match, choice, cluster, path, query, effective, admitted, telemetry)
             return
+        if cluster.kind == "llm" and cluster.llm is not None:
+            llm = LlmRequest(request, cluster, path, admitted, telemetry)
+            if timeout is None:
+                await self.llm.handle(llm, sink)
+                return
+            with anyio.move_on_after(timeout) as scope:
+                await self.llm.handle(llm, sink)
+            if scope.cancelled_caught:
+                raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+            return
         if cluster.kind != "http":
-            # Protocol-aware backends (MCP and A2A now; LLM later) need their own handler.
+            # Protocol-aware backends (MCP, A2A, LLM) need their own handler.
             raise UnsupportedRequest(f"backend {cluster.name} is a {cluster.kind} backend, not served here yet")
         target = cluster.pick_target()
         if target is None:
