@@ -217,7 +217,13 @@ class JwksFetcher:
                 return b"".join(chunks)
         except urllib.error.HTTPError as exc:
             raise JwksFetchError(f"HTTP {exc.code}") from None
-        except (urllib.error.URLError, OSError, ValueError, http.client.HTTPException) as exc:
+        except (TimeoutError, urllib.error.URLError) as exc:
+            # The socket's timeout and the caller's deadline are the same length: either may fire
+            # first, and both mean the same thing.
+            if isinstance(exc, TimeoutError) or isinstance(exc.reason, TimeoutError):
+                raise JwksFetchError("timed out") from None
+            raise JwksFetchError(f"cannot fetch: {exc}") from None
+        except (OSError, ValueError, http.client.HTTPException) as exc:
             raise JwksFetchError(f"cannot fetch: {exc}") from None
 
 

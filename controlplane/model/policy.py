@@ -22,6 +22,7 @@ import cel
 
 from controlplane.model.formats import DATA_KEY, DNS_SUBDOMAIN
 from controlplane.model.objects import AGENTGATE_GROUP, BACKEND, GATEWAY, GATEWAY_GROUP, HTTP_ROUTE, KubeObject
+from shared.config_rules import POLICY_RESERVED_HEADERS
 from shared.origins import origin_problem
 
 if TYPE_CHECKING:
@@ -63,21 +64,7 @@ MAX_RETRY_ATTEMPTS = 10
 MAX_LIMITS = 16
 MAX_RULES = 64
 # Headers the proxy manages itself: claims and credentials must not overwrite them.
-RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "upgrade",
-        "proxy-connection",
-        "mcp-session-id",
-        "mcp-protocol-version",
-    }
-)
+RESERVED_HEADERS = POLICY_RESERVED_HEADERS
 _NAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?")
 _RULE_INDEX = re.compile(r"0|[1-9][0-9]?")
 _SCRYPT_HASH = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{22,}")

@@ -46,6 +46,15 @@ from controlplane.model.objects import (
     KubeObject,
 )
 from controlplane.model.policy import check_policy
+from shared.config_rules import (
+    A2A_AGENT_NAME,
+    A2A_AGENT_NAME_MAX_LENGTH,
+    A2A_AGENT_NAME_RULE,
+    LLM_AZURE_API_VERSION,
+    LLM_MANAGED_HEADERS,
+    LLM_MODEL_NAME,
+    LLM_PROVIDER_NAME,
+)
 from shared.mcp_names import target_name_problem
 from shared.origins import origin_problem
 from shared.regex import compile_regex
@@ -90,45 +99,19 @@ MCP_MAX_TARGETS = 64
 MCP_MAX_BODY_BYTES = 1 << 30
 A2A_SIGNED_CARDS = ("Strip", "Preserve")
 A2A_MAX_REQUEST_BYTES = 1 << 30
-A2A_AGENT_NAME_MAX_LENGTH = 253
 # "namespace/name" or one name; each part letters, digits, '.', '_', '-', starting and ending
 # with a letter or digit. At most one '/', so a rule can split namespace from name. The proxy's
 # config compiler applies the same rule (dataplane/config/a2a.py AGENT_NAME).
-_A2A_NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
-A2A_AGENT_NAME = re.compile(rf"{_A2A_NAME_PART}(?:/{_A2A_NAME_PART})?")
-A2A_AGENT_NAME_RULE = (
-    "use 'namespace/name' or 'name', each part of letters, digits, '.', '_' and '-' "
-    "starting and ending with a letter or digit"
-)
 LLM_PROVIDER_TYPES = ("openai", "anthropic", "azure", "openaiCompatible")
 LLM_MAX_PROVIDERS = 32
 LLM_MAX_MODELS = 256
 LLM_MAX_REQUEST_BYTES = 1 << 30
 # Provider names: what logs, metrics and failover state call a provider. The proxy's config
 # compiler applies the same rule (dataplane/config/llm.py PROVIDER_NAME).
-LLM_PROVIDER_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
 # Model names as clients and providers write them ("gpt-4o", "claude-sonnet-4-5",
 # "meta-llama/Llama-3.1-8B-Instruct", "llama3:8b"): printable ASCII without spaces or quotes.
 # The proxy's config compiler applies the same rule (dataplane/config/llm.py MODEL_NAME).
-LLM_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,256}")
-LLM_AZURE_API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:-[a-z]+)?")
 # Headers the gateway sets itself on provider requests (framing, credentials from apiKeyRef).
-LLM_MANAGED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "upgrade",
-        "proxy-connection",
-        "authorization",
-        "x-api-key",
-        "api-key",
-    }
-)
 
 
 def validate(obj: KubeObject) -> list[ConfigError]:

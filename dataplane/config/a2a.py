@@ -7,21 +7,19 @@ ordinary address Targets, compiled with every other HTTP backend's.
 
 from __future__ import annotations
 
-import re
-
 from dataplane.config.errors import ErrorReporter
 from dataplane.config.model import DEFAULT_A2A_MAX_REQUEST_BYTES, A2aBackendSettings, A2aSignedCards
 from dataplane.config.validate import check_enum, check_path
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import A2A_AGENT_NAME, A2A_AGENT_NAME_MAX_LENGTH, A2A_AGENT_NAME_RULE
 
 __all__ = ["AGENT_NAME", "MAX_A2A_REQUEST_BYTES", "A2aBackendSettings", "agent_name_problem", "compile_a2a_settings"]
 
 MAX_A2A_REQUEST_BYTES = 1 << 30
-MAX_AGENT_NAME_LENGTH = 253
+MAX_AGENT_NAME_LENGTH = A2A_AGENT_NAME_MAX_LENGTH
 # The control plane checks agentName with the same rule (controlplane/model/validation.py
 # A2A_AGENT_NAME): "namespace/name" or one name, at most one '/', so rules can split them.
-_NAME_PART = r"[A-Za-z0-9](?:[A-Za-z0-9._-]*[A-Za-z0-9])?"
-AGENT_NAME = re.compile(rf"{_NAME_PART}(?:/{_NAME_PART})?")
+AGENT_NAME = A2A_AGENT_NAME
 _SIGNED_CARDS: dict[int, A2aSignedCards] = {
     pb.A2aBackend.SIGNED_CARDS_UNSPECIFIED: "strip",
     pb.A2aBackend.SIGNED_CARDS_STRIP: "strip",
@@ -34,10 +32,7 @@ def agent_name_problem(name: str) -> str | None:
     if len(name) > MAX_AGENT_NAME_LENGTH:
         return f"must be at most {MAX_AGENT_NAME_LENGTH} characters"
     if AGENT_NAME.fullmatch(name) is None:
-        return (
-            f"invalid agent name {name!r}: use 'namespace/name' or 'name', each part of letters, digits, "
-            "'.', '_' and '-' starting and ending with a letter or digit"
-        )
+        return f"invalid agent name {name!r}: {A2A_AGENT_NAME_RULE}"
     return None
 
 

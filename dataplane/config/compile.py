@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 import ssl
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 from types import MappingProxyType
-from typing import TypeVar
+from typing import Literal, TypeVar
 
 from google.protobuf.message import Message
 
@@ -27,6 +28,8 @@ from dataplane.config.model import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_MAX_CONNECTIONS,
     ListenerGroup,
+    LlmBackendSettings,
+    McpBackendSettings,
     RuntimeConfig,
     ServerTlsSettings,
     UpstreamCluster,
@@ -35,7 +38,7 @@ from dataplane.config.model import (
 )
 from dataplane.config.policy import compile_policies
 from dataplane.config.routes import compile_route
-from dataplane.config.tls import client_context, server_context, sni_selector
+from dataplane.config.tls import ClientContextFor, client_context, server_context, sni_selector
 from dataplane.config.validate import (
     MAX_WEIGHT_TOTAL,
     check_enum,
@@ -154,9 +157,12 @@ def _compile_backends(
             continue
         report = errors.reporter(BACKEND, name)
         if kinds.get(name) == "mcp":
-            cluster = _compile_mcp_backend(errors, report, name, backend, mcp_targets_of.get(name, []), contexts)
+            targets = mcp_targets_of.get(name, [])
+            mcp = partial(compile_mcp_settings, report, name, backend, targets, partial(errors.reporter, TARGET))
+            cluster = _compile_server_backend(report, name, backend, contexts, "mcp", mcp)
         elif kinds.get(name) == "llm":
-            cluster = _compile_llm_backend(report, name, backend, contexts)
+            llm = partial(compile_llm_settings, report, backend)
+            cluster = _compile_server_backend(report, name, backend, contexts, "llm", llm)
         else:
             cluster = _compile_backend(report, name, backend, targets_of.get(name, []), contexts)
         if cluster is not None:
@@ -164,26 +170,26 @@ def _compile_backends(
     return clusters
 
 
-def _compile_mcp_backend(
-    errors: ErrorList,
+def _compile_server_backend(
     report: ErrorReporter,
     name: str,
     backend: pb.Backend,
-    targets: list[tuple[str, pb.Target]],
     contexts: dict[tuple[bytes, bool, str], ssl.SSLContext | None],
+    kind: Literal["mcp", "llm"],
+    compile_settings: Callable[[ClientContextFor], McpBackendSettings | LlmBackendSettings | None],
 ) -> UpstreamCluster | None:
-    """An MCP backend: its servers live in `cluster.mcp`; the HTTP proxy does not serve it yet."""
+    """An MCP or LLM backend: its servers (MCP targets, LLM providers, each with its own address and
+    TLS) live in `cluster.mcp` / `cluster.llm`, compiled by `compile_settings`; the Backend gives the
+    protocol and pool settings they share."""
     _check_name(report, name, backend.name)
     protocol: UpstreamProtocolName = "http1"
     if check_enum(report, "protocol", backend, "protocol"):
         protocol = _UPSTREAM_PROTOCOLS[backend.protocol]
 
-    def context_for(target_report: ErrorReporter, field: str, tls: pb.UpstreamTls) -> ssl.SSLContext | None:
-        return _client_context(target_report, field, tls, protocol, contexts)
+    def context_for(server_report: ErrorReporter, field: str, tls: pb.UpstreamTls) -> ssl.SSLContext | None:
+        return _client_context(server_report, field, tls, protocol, contexts)
 
-    settings = compile_mcp_settings(
-        report, name, backend, targets, lambda target: errors.reporter(TARGET, target), context_for
-    )
+    settings = compile_settings(context_for)
     pool = backend.pool
     connect_timeout = duration_seconds(report, "pool.connect_timeout", pool, "connect_timeout")
     idle_timeout = duration_seconds(report, "pool.idle_timeout", pool, "idle_timeout")
@@ -195,40 +201,9 @@ def _compile_mcp_backend(
         connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
         idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
         max_connections=pool.max_connections or DEFAULT_MAX_CONNECTIONS,
-        kind="mcp",
-        mcp=settings,
-    )
-
-
-def _compile_llm_backend(
-    report: ErrorReporter,
-    name: str,
-    backend: pb.Backend,
-    contexts: dict[tuple[bytes, bool, str], ssl.SSLContext | None],
-) -> UpstreamCluster | None:
-    """An LLM backend: its providers live in `cluster.llm` (each with its own address and TLS)."""
-    _check_name(report, name, backend.name)
-    protocol: UpstreamProtocolName = "http1"
-    if check_enum(report, "protocol", backend, "protocol"):
-        protocol = _UPSTREAM_PROTOCOLS[backend.protocol]
-
-    def context_for(provider_report: ErrorReporter, field: str, tls: pb.UpstreamTls) -> ssl.SSLContext | None:
-        return _client_context(provider_report, field, tls, protocol, contexts)
-
-    settings = compile_llm_settings(report, backend, context_for)
-    pool = backend.pool
-    connect_timeout = duration_seconds(report, "pool.connect_timeout", pool, "connect_timeout")
-    idle_timeout = duration_seconds(report, "pool.idle_timeout", pool, "idle_timeout")
-    if settings is None:
-        return None
-    return UpstreamCluster(
-        name=name,
-        protocol=protocol,
-        connect_timeout=connect_timeout or DEFAULT_CONNECT_TIMEOUT,
-        idle_timeout=idle_timeout or DEFAULT_IDLE_TIMEOUT,
-        max_connections=pool.max_connections or DEFAULT_MAX_CONNECTIONS,
-        kind="llm",
-        llm=settings,
+        kind=kind,
+        mcp=settings if isinstance(settings, McpBackendSettings) else None,
+        llm=settings if isinstance(settings, LlmBackendSettings) else None,
     )
 
 

@@ -9,8 +9,6 @@ parses or validates configuration.
 from __future__ import annotations
 
 import re
-import ssl
-from collections.abc import Callable
 from types import MappingProxyType
 
 from dataplane.config.errors import ErrorReporter
@@ -23,6 +21,7 @@ from dataplane.config.model import (
     LlmProviderSettings,
     LlmProviderType,
 )
+from dataplane.config.tls import ClientContextFor
 from dataplane.config.validate import (
     check_enum,
     check_header_name,
@@ -32,6 +31,7 @@ from dataplane.config.validate import (
     is_valid_host,
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import LLM_AZURE_API_VERSION, LLM_MANAGED_HEADERS, LLM_MODEL_NAME, LLM_PROVIDER_NAME
 
 __all__ = ["MODEL_NAME", "PROVIDER_NAME", "compile_llm_settings"]
 
@@ -40,29 +40,14 @@ MAX_EJECT_FOR = 3600.0
 MAX_CONSECUTIVE_FAILURES = 1000
 # The control plane checks names with the same rules (controlplane/model/validation.py
 # LLM_PROVIDER_NAME, LLM_MODEL_NAME).
-PROVIDER_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?")
-MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,256}")
-_AZURE_API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:-[a-z]+)?")
+PROVIDER_NAME = LLM_PROVIDER_NAME
+MODEL_NAME = LLM_MODEL_NAME
+_AZURE_API_VERSION = LLM_AZURE_API_VERSION
 _AZURE_DEPLOYMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")
 ANTHROPIC_VERSION_HEADER = "anthropic-version"
 DEFAULT_ANTHROPIC_VERSION = "2023-06-01"
 # Headers the gateway sets itself on provider requests (framing, the credential).
-_MANAGED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "upgrade",
-        "proxy-connection",
-        "authorization",
-        "x-api-key",
-        "api-key",
-    }
-)
+_MANAGED_HEADERS = LLM_MANAGED_HEADERS
 _TYPES: dict[int, LlmProviderType] = {
     pb.LlmProvider.TYPE_OPENAI: "openai",
     pb.LlmProvider.TYPE_ANTHROPIC: "anthropic",
@@ -70,8 +55,6 @@ _TYPES: dict[int, LlmProviderType] = {
     pb.LlmProvider.TYPE_OPENAI_COMPATIBLE: "openai_compatible",
 }
 
-# (report, field, tls) -> client context for an upstream, None (with an error) when unusable.
-ClientContextFor = Callable[[ErrorReporter, str, pb.UpstreamTls], ssl.SSLContext | None]
 
 
 def auth_header(kind: LlmProviderType, api_key: str) -> tuple[str, str] | None:

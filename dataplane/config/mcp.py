@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 import re
-import ssl
 from collections.abc import Callable, Sequence
 
 from dataplane.config.errors import ErrorReporter
@@ -27,6 +26,7 @@ from dataplane.config.model import (
     McpStreamableHttpTarget,
     McpTarget,
 )
+from dataplane.config.tls import ClientContextFor
 from dataplane.config.validate import (
     check_enum,
     check_header_name,
@@ -36,6 +36,7 @@ from dataplane.config.validate import (
     is_valid_host,
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import MCP_MANAGED_HEADERS
 from shared.mcp_names import target_name_problem
 from shared.origins import OriginAllowList
 
@@ -47,23 +48,7 @@ _KEY_ID = re.compile(r"[\x21-\x7e]{1,255}")
 _ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Headers the gateway itself manages on upstream requests; configuring them would break framing
 # or sessions.
-_MANAGED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "upgrade",
-        "proxy-connection",
-        "accept",
-        "mcp-session-id",
-        "mcp-protocol-version",
-        "last-event-id",
-    }
-)
+_MANAGED_HEADERS = MCP_MANAGED_HEADERS
 _PREFIX_MODES: dict[int, McpPrefixMode] = {
     pb.McpBackend.PREFIX_MODE_UNSPECIFIED: "conditional",
     pb.McpBackend.PREFIX_MODE_CONDITIONAL: "conditional",
@@ -81,8 +66,6 @@ _FAILURE_MODES: dict[int, McpFailureMode] = {
 # control plane always sends keys; this covers hand-written and test configs.
 PROCESS_SESSION_KEY = McpSessionKey(key_id="(process-local)", key=os.urandom(MCP_SESSION_KEY_BYTES))
 
-# (report, field, tls) -> client context for an upstream, None (with an error) when unusable.
-ClientContextFor = Callable[[ErrorReporter, str, pb.UpstreamTls], ssl.SSLContext | None]
 
 
 def compile_mcp_settings(

@@ -37,6 +37,7 @@ from dataplane.config.validate import check_enum, check_header_name, check_heade
 from dataplane.policy.cel import CelCompileError, Expression, compile_expression
 from dataplane.routing.filters import HeaderOps
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import POLICY_RESERVED_HEADERS
 from shared.origins import OriginAllowList, origin_problem
 from shared.resources import LISTENER, POLICY, ROUTE, ResourceMap
 
@@ -61,21 +62,7 @@ MAX_RETRY_ATTEMPTS = 10
 MAX_JWKS_BYTES = 1 << 20
 JWT_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384", "ES512", "EdDSA"})
 # Headers the proxy manages itself; neither claims nor credentials may write them.
-RESERVED_HEADERS = frozenset(
-    {
-        "host",
-        "content-length",
-        "content-type",
-        "transfer-encoding",
-        "connection",
-        "keep-alive",
-        "te",
-        "upgrade",
-        "proxy-connection",
-        "mcp-session-id",
-        "mcp-protocol-version",
-    }
-)
+RESERVED_HEADERS = POLICY_RESERVED_HEADERS
 _SCRYPT_HASH = re.compile(r"\$scrypt\$ln=(\d{1,2}),r=(\d{1,2}),p=(\d{1,2})\$[A-Za-z0-9+/]{11,}\$[A-Za-z0-9+/]{22,}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _PRIVATE_JWK_MEMBERS = ("d", "p", "q", "dp", "dq", "qi", "k")

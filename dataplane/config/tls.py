@@ -12,6 +12,10 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 
 from dataplane.config.errors import ErrorReporter
+from shared.api.agentgate.config.v1 import resources_pb2 as pb
+
+# (report, field, tls) -> client context for an upstream, None (with an error) when unusable.
+ClientContextFor = Callable[[ErrorReporter, str, pb.UpstreamTls], ssl.SSLContext | None]
 
 
 def server_context(

@@ -12,8 +12,8 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import Mapping
-from typing import Final
+from collections.abc import Coroutine, Mapping
+from typing import Any, Final
 
 import anyio
 
@@ -115,6 +115,18 @@ class _Progress:
         self.request_done = request_done
         self.response_done = False
         self.status: int | None = None  # the upstream's response status, once its head arrived
+
+
+async def _within_request_timeout(route: CompiledRoute, work: Coroutine[Any, Any, None]) -> None:
+    """Run `work` under the route's whole-request timeout (504 once it passes)."""
+    limit = route.request_timeout
+    if limit is None:
+        await work
+        return
+    with anyio.move_on_after(limit) as scope:
+        await work
+    if scope.cancelled_caught:
+        raise GatewayTimeout(f"route {route.name}: request timeout of {limit:g}s exceeded")
 
 
 class _HeadEditingSink:
@@ -455,23 +467,16 @@ class ProxyHandler:
                     charge = outcome.charge
                 if outcome.response_headers:
                     sink = _ExtraHeadersSink(sink, outcome.response_headers, inner_wins=cluster.kind == "mcp")
-        timeout = route.request_timeout
         if cluster.kind == "mcp" and cluster.mcp is not None:
             # The endpoint bounds each MCP request by the route's timeout itself: its GET streams outlive it.
-            await self.mcp.handle(request, sink, cluster, timeout, caller, telemetry=telemetry)
+            await self.mcp.handle(request, sink, cluster, route.request_timeout, caller, telemetry=telemetry)
             return
         if cluster.kind == "a2a" and cluster.a2a is not None:
             await self._serve_a2a(request, sink, match, choice, cluster, path, query, effective, admitted, telemetry)
             return
         if cluster.kind == "llm" and cluster.llm is not None:
             llm = LlmRequest(request, cluster, path, admitted, telemetry)
-            if timeout is None:
-                await self.llm.handle(llm, sink)
-                return
-            with anyio.move_on_after(timeout) as scope:
-                await self.llm.handle(llm, sink)
-            if scope.cancelled_caught:
-                raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+            await _within_request_timeout(route, self.llm.handle(llm, sink))
             return
         if cluster.kind != "http":
             # Protocol-aware backends (MCP, A2A, LLM) need their own handler.
@@ -484,13 +489,8 @@ class ProxyHandler:
             sink = metered = MeteredSink(sink, charge, route=route.name)
             began = time.perf_counter()
         try:
-            if timeout is None:
-                await self._forward(request, sink, match, choice, cluster, target, path, query, effective, telemetry)
-                return
-            with anyio.move_on_after(timeout) as scope:
-                await self._forward(request, sink, match, choice, cluster, target, path, query, effective, telemetry)
-            if scope.cancelled_caught:
-                raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+            forwarding = self._forward(request, sink, match, choice, cluster, target, path, query, effective, telemetry)
+            await _within_request_timeout(route, forwarding)
         finally:
             if metered is not None:  # however the response ended: charge what it reported, once
                 usage = await metered.settle()
@@ -533,19 +533,15 @@ class ProxyHandler:
         agent = self.a2a.agent(cluster)
         replacement = rewrite.replace_prefix_match if rewrite is not None else None
         prefix = public_prefix(agent.base_path, match.matched_prefix, replacement)
-        timeout = route.request_timeout
 
         async def forward(forwarded: ProxyRequest, answer: ResponseSink) -> None:
             target = cluster.pick_target()
             if target is None:
                 raise BackendUnavailable(f"backend {cluster.name} has no targets")
-            if timeout is None:
-                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy, telemetry)
-                return
-            with anyio.move_on_after(timeout) as scope:
-                await self._forward(forwarded, answer, match, choice, cluster, target, path, query, policy, telemetry)
-            if scope.cancelled_caught:
-                raise GatewayTimeout(f"route {route.name}: request timeout of {timeout:g}s exceeded")
+            forwarding = self._forward(
+                forwarded, answer, match, choice, cluster, target, path, query, policy, telemetry
+            )
+            await _within_request_timeout(route, forwarding)
 
         a2a = A2aRequest(request, agent, upstream_path, query, prefix, admitted, telemetry)
         await self.a2a.handle(a2a, sink, forward)

@@ -10,10 +10,9 @@ from typing import Any
 import pytest
 
 from controlplane.model import KubeObject, SourceRef, object_from_manifest, validate
-from controlplane.model.validation import A2A_AGENT_NAME
 from controlplane.sources.folder import FolderSource
 from controlplane.translate import translate
-from dataplane.config.a2a import AGENT_NAME
+from dataplane.config.a2a import agent_name_problem
 from dataplane.config.compile import compile_config
 from dataplane.config.model import A2aBackendSettings
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
@@ -139,9 +138,16 @@ def test_static_and_a2a_cannot_be_combined() -> None:
 
 
 @pytest.mark.parametrize("name", ["planner", "default/planner", "a", "a.b_c-d/E9", "x" * 253])
-def test_agent_name_rule_is_the_same_in_both_planes(name: str) -> None:
-    assert A2A_AGENT_NAME.pattern == AGENT_NAME.pattern
-    assert A2A_AGENT_NAME.fullmatch(name) and validate(a2a_backend(agentName=name)) == []
+def test_agent_names_both_planes_accept(name: str) -> None:
+    # One rule (shared/config_rules.py) for the validator and the proxy's compiler.
+    assert validate(a2a_backend(agentName=name)) == []
+    assert agent_name_problem(name) is None
+
+
+@pytest.mark.parametrize("name", ["/planner", "a/b/c", "-x", "x" * 254, "名前"])
+def test_agent_names_both_planes_refuse(name: str) -> None:
+    assert validate(a2a_backend(agentName=name)) != []
+    assert agent_name_problem(name) is not None
 
 
 # --- translation ------------------------------------------------------------------------------

@@ -10,11 +10,10 @@ from typing import Any
 import pytest
 
 from controlplane.model import KubeObject, SourceRef, object_from_manifest, validate
-from controlplane.model.validation import LLM_MODEL_NAME, LLM_PROVIDER_NAME
 from controlplane.translate import translate
 from dataplane.config.compile import compile_config
-from dataplane.config.llm import MODEL_NAME, PROVIDER_NAME
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import LLM_MODEL_NAME, LLM_PROVIDER_NAME
 from shared.resources import BACKEND, ROUTE, TARGET
 from tests.controlplane.test_translate_a2a import route_to
 from tests.controlplane.test_translate_golden import load_objects
@@ -244,9 +243,13 @@ def test_duplicate_names_tls_and_missing_providers() -> None:
     )
 
 
-def test_name_rules_are_the_same_in_both_planes() -> None:
-    assert LLM_PROVIDER_NAME.pattern == PROVIDER_NAME.pattern
-    assert LLM_MODEL_NAME.pattern == MODEL_NAME.pattern
+def test_name_rules_accept_what_providers_and_clients_write() -> None:
+    # One rule each (shared/config_rules.py) for the validator and the proxy's compiler.
+    for model in ("gpt-4o", "claude-sonnet-4-5", "meta-llama/Llama-3.1-8B-Instruct", "llama3:8b"):
+        assert LLM_MODEL_NAME.fullmatch(model)
+    for model in ("", "gpt 4o", 'say"hi', "x" * 257):
+        assert not LLM_MODEL_NAME.fullmatch(model)
+    assert LLM_PROVIDER_NAME.fullmatch("openai-eu_1") and not LLM_PROVIDER_NAME.fullmatch("-openai")
 
 
 # --- translation ------------------------------------------------------------------------------
