@@ -21,7 +21,7 @@ endef
 OTEL_PROTO_FIX = $(BIN)/python -m pip install -q --force-reinstall --no-deps \
 	"opentelemetry-proto==$$($(BIN)/python -c 'from importlib.metadata import version; print(version("opentelemetry-proto"))')"
 
-.PHONY: run test install lint protos bench bench-mcp bench-policy bench-a2a clean
+.PHONY: run test install lint protos bench bench-mcp bench-policy bench-a2a bench-llm clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV) || { $(SUDO) apt-get update -qq && $(SUDO) apt-get install -y -qq python3-venv && $(PYTHON) -m venv $(VENV); }
@@ -77,6 +77,12 @@ bench-policy: install
 bench-a2a: install
 	$(call apt_ensure,wrk:wrk)
 	$(BIN)/python bench/a2a_proxy.py
+
+# Chat completions (plain, streamed, time to first token) through one worker vs the OpenAI stand-in directly and
+# through Envoy, and translated from OpenAI to the Anthropic stand-in.
+bench-llm: install
+	$(call apt_ensure,wrk:wrk)
+	$(BIN)/python bench/llm_proxy.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -83,7 +83,7 @@ from dataplane.a2a.stream import (
 )
 from dataplane.config.model import RuntimeConfig, UpstreamCluster
 from dataplane.http.errors import GatewayTimeout, ProxyError
-from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
+from dataplane.http.messages import Headers, ProxyRequest, ResponseSink, read_whole_body
 from dataplane.mcp.jsonrpc import decode_json
 from dataplane.observability.metrics import CallOutcome
 from dataplane.policy.authorize import RuleKind, a2a_variables
@@ -460,7 +460,9 @@ class A2aHandler:
         version = protocol_version(_header(request.headers, VERSION_HEADER.encode()))
         body = b""
         if request.body is not None:
-            body = await _read_body(request, agent.max_request_bytes)
+            body = await read_whole_body(request, agent.max_request_bytes)
+            if body is None:
+                raise payload_too_large(agent.max_request_bytes)
             request.body = _BufferedBody(body)
             request.content_length = len(body)
         if outcome.binding == "jsonrpc":
@@ -685,24 +687,6 @@ def _agent_headers(
     if body_length is not None:
         out.append((b"content-length", b"%d" % body_length))
     return out
-
-
-async def _read_body(request: ProxyRequest, limit: int) -> bytes:
-    """The whole request body; 413 (``A2aPayloadTooLarge``) past ``limit``, without reading further."""
-    if request.content_length is not None and request.content_length > limit:
-        raise payload_too_large(limit)
-    source = request.body
-    assert source is not None
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        data = await source.read()
-        if not data:
-            return b"".join(chunks)
-        size += len(data)
-        if size > limit:
-            raise payload_too_large(limit)
-        chunks.append(data)
 
 
 def _unary_facts(body: bytes, call: A2aCall, agent: str) -> StreamEventInfo:

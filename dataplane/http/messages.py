@@ -99,3 +99,27 @@ class ProxyRequest:
         self.server_port = server_port
         # b"1.0", b"1.1" or b"2": the downstream protocol, for header conversions.
         self.version = version
+
+
+async def read_whole_body(request: ProxyRequest, limit: int) -> bytes | None:
+    """The request's whole body (b"" without one); None, having read no more than `limit` + one
+    piece, when it is longer than `limit` bytes. Handlers that must see a body before forwarding it
+    (MCP, A2A, LLM) read it here and answer their own 413."""
+    source = request.body
+    if source is None:
+        return b""
+    if request.content_length is not None and request.content_length > limit:
+        return None
+    whole = source.take_complete()
+    if whole is not None:
+        return whole if len(whole) <= limit else None
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        data = await source.read()
+        if not data:
+            return b"".join(chunks)
+        size += len(data)
+        if size > limit:
+            return None
+        chunks.append(data)

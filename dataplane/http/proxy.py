@@ -33,7 +33,8 @@ from dataplane.http.errors import (
 )
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
-from dataplane.llm.handler import LlmHandler, LlmRequest
+from dataplane.llm.handler import NO_RESILIENCE as NO_LLM_RESILIENCE
+from dataplane.llm.handler import LlmHandler, LlmRequest, LlmResilience
 from dataplane.llm.metering import Charge, MeteredSink
 from dataplane.llm.usage import TokenUsage
 from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
@@ -127,6 +128,22 @@ async def _within_request_timeout(route: CompiledRoute, work: Coroutine[Any, Any
         await work
     if scope.cancelled_caught:
         raise GatewayTimeout(f"route {route.name}: request timeout of {limit:g}s exceeded")
+
+
+def llm_resilience(route: CompiledRoute, resilience: ResilienceSettings | None) -> LlmResilience:
+    """An LLM request's bounds: the route's timeouts win over the policy's, as on the HTTP path."""
+    per_try = route.backend_timeout
+    request_timeout = route.request_timeout
+    if resilience is None:
+        if per_try is None and request_timeout is None:
+            return NO_LLM_RESILIENCE
+        idle = retry = None
+    else:
+        per_try = per_try if per_try is not None else resilience.per_try_timeout
+        request_timeout = request_timeout if request_timeout is not None else resilience.request_timeout
+        idle, retry = resilience.stream_idle_timeout, resilience.retry
+    deadline = anyio.current_time() + request_timeout if request_timeout is not None else None
+    return LlmResilience(deadline, per_try, idle, retry)
 
 
 class _HeadEditingSink:
@@ -475,8 +492,10 @@ class ProxyHandler:
             await self._serve_a2a(request, sink, match, choice, cluster, path, query, effective, admitted, telemetry)
             return
         if cluster.kind == "llm" and cluster.llm is not None:
-            llm = LlmRequest(request, cluster, path, admitted, telemetry)
-            await _within_request_timeout(route, self.llm.handle(llm, sink))
+            plan = forward_policy(effective)
+            resilience = plan.resilience if plan is not None else None
+            llm = LlmRequest(request, cluster, path, admitted, telemetry, llm_resilience(route, resilience))
+            await self.llm.handle(llm, sink)  # bounded by the request timeout it was given
             return
         if cluster.kind != "http":
             # Protocol-aware backends (MCP, A2A, LLM) need their own handler.

@@ -120,8 +120,12 @@ def missing_model(api: ApiFormat) -> ErrorResponse:
     return gateway_error(api, 400, "you must provide a model parameter", param="model", code="missing_model")
 
 
-def unknown_model(api: ApiFormat, model: str) -> ErrorResponse:
-    message = f"The model `{model}` does not exist or is not served by this gateway."
+def unknown_model(api: ApiFormat, model: str, *, operation: str | None = None) -> ErrorResponse:
+    """404: no provider serves `model`, or (`operation` named) none of its providers offers that."""
+    if operation is None:
+        message = f"The model `{model}` does not exist or is not served by this gateway."
+    else:
+        message = f"The model `{model}` is served by this gateway, but none of its providers offers {operation}."
     return gateway_error(api, 404, message, param="model", code="model_not_found")
 
 

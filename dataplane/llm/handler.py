@@ -15,6 +15,7 @@ client's format, and the usage seen so far is still charged.
 from __future__ import annotations
 
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,8 +31,9 @@ from dataplane.config.model import (
     UpstreamCluster,
     UpstreamTarget,
 )
+from dataplane.config.policy import RetrySettings
 from dataplane.http.errors import ProxyError
-from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
+from dataplane.http.messages import Headers, ProxyRequest, ResponseSink, read_whole_body
 from dataplane.llm.errors import (
     MAX_ERROR_BODY,
     ErrorResponse,
@@ -51,6 +53,7 @@ from dataplane.llm.routing import (
     Attempt,
     Operation,
     ProviderHealth,
+    candidates,
     is_failover_status,
     provider_format,
     route_model,
@@ -62,7 +65,7 @@ from dataplane.llm.stream_translate import (
     AnthropicToOpenAIStream,
     OpenAIToAnthropicStream,
 )
-from dataplane.llm.tokens import estimate_input_tokens, estimated_usage
+from dataplane.llm.tokens import OutputTokenEstimate, estimate_input_tokens, estimated_usage
 from dataplane.llm.translate import (
     TranslationError,
     anthropic_to_openai_request,
@@ -75,6 +78,7 @@ from dataplane.llm.wire import ApiFormat, json_bytes
 from dataplane.observability.request import Observability, RequestTelemetry
 from dataplane.policy.authorize import llm_variables
 from dataplane.policy.chain import Admitted
+from dataplane.policy.resilience import FailureKind, RetryState, failure_kind
 from dataplane.upstream.exchange import Exchange, UpstreamRequest
 from dataplane.upstream.pool import UpstreamPools
 from shared.logging import get_logger
@@ -87,6 +91,8 @@ _EVENT_STREAM: Final = (b"content-type", b"text/event-stream; charset=utf-8")
 _CARRIED_HEADERS: Final = frozenset({b"user-agent", b"x-request-id", b"traceparent", b"tracestate"})
 # GenAI `gen_ai.provider.name` per provider type (an OpenAI-compatible server is named by itself).
 _GENAI_PROVIDER: Final = {"openai": "openai", "anthropic": "anthropic", "azure": "azure.ai.openai"}
+# A whole answer in the other API is read before it is reshaped: at most this much.
+MAX_TRANSLATED_ANSWER: Final = 16 * 1024 * 1024
 # The routes, by the end of the path (the route may mount the gateway under a prefix).
 _OPERATIONS: Final[tuple[tuple[str, Operation, ApiFormat], ...]] = (
     ("/chat/completions", "chat", "openai"),
@@ -94,6 +100,22 @@ _OPERATIONS: Final[tuple[tuple[str, Operation, ApiFormat], ...]] = (
     ("/messages", "messages", "anthropic"),
     ("/models", "models", "openai"),
 )
+
+
+@dataclass(frozen=True, slots=True)
+class LlmResilience:
+    """Bounds of one LLM request. `deadline` is the event-loop time the whole request must end by
+    (the route's or the policy's request timeout); `per_try` bounds each provider try until its
+    response head; `idle` cuts an answer whose body stalls this long; `retry` runs the failover
+    list again after every provider failed, for the causes it names."""
+
+    deadline: float | None = None
+    per_try: float | None = None
+    idle: float | None = None
+    retry: RetrySettings | None = None
+
+
+NO_RESILIENCE: Final = LlmResilience()
 
 
 @dataclass(slots=True)
@@ -105,6 +127,8 @@ class LlmRequest:
     path: str
     admitted: Admitted | None
     telemetry: RequestTelemetry
+    # The route's (or else the policy's) timeouts and the policy's retries.
+    resilience: LlmResilience = NO_RESILIENCE
 
 
 @dataclass(frozen=True, slots=True)
@@ -161,9 +185,9 @@ def upstream_body(
             body, model=attempt.model, anthropic_version=provider.anthropic_version or DEFAULT_ANTHROPIC_VERSION
         )
     if api == "anthropic" and target_api == "openai":
-        field = "max_tokens" if provider.type == "openai_compatible" else "max_completion_tokens"
+        tokens_field = "max_tokens" if provider.type == "openai_compatible" else "max_completion_tokens"
         return anthropic_to_openai_request(
-            body, model=attempt.model, max_tokens_field=field, stream_usage=settings.stream_usage
+            body, model=attempt.model, max_tokens_field=tokens_field, stream_usage=settings.stream_usage
         )
     out = dict(body)
     out["model"] = attempt.model
@@ -230,7 +254,7 @@ class LlmHandler:
         if request.method != b"POST":
             await _answer(sink, gateway_error(api, 405, f"use POST for {llm.path}"))
             return
-        raw = await _read_body(request, settings.max_request_bytes)
+        raw = await read_whole_body(request, settings.max_request_bytes)
         if raw is None:
             await _answer(sink, body_too_large(api, settings.max_request_bytes))
             return
@@ -252,11 +276,16 @@ class LlmHandler:
             await _answer(sink, gateway_error(api, 403, f"model `{model}` is not allowed for this caller"))
             return
         health = self.health(llm.cluster.name)
-        route = route_model(settings, model, health, operation)
-        if route is None:
-            await _answer(sink, unknown_model(api, model))
+        if route_model(settings, model, health, operation) is None:
+            served = operation != "chat" and bool(candidates(settings, model))
+            await _answer(sink, unknown_model(api, model, operation=operation if served else None))
             return
-        await self._serve(llm, sink, settings, api, operation, body, route.attempts, health)
+        progress = _Progress()
+        deadline = llm.resilience.deadline
+        with anyio.CancelScope(deadline=math.inf if deadline is None else deadline) as scope:
+            await self._serve(llm, sink, settings, api, operation, body, model, health, progress)
+        if scope.cancelled_caught:
+            await _end_on_timeout(sink, api, progress)
 
     async def _serve(
         self,
@@ -266,76 +295,127 @@ class LlmHandler:
         api: ApiFormat,
         operation: Operation,
         body: dict[str, Any],
-        attempts: tuple[Attempt, ...],
+        model: str,
         health: ProviderHealth,
+        progress: _Progress,
     ) -> None:
+        """Rounds of the failover list: a round ends at the first answer that goes to the client;
+        after a round where every provider failed, the policy's retry may run another."""
         began = time.perf_counter()
-        last_error: ErrorResponse | None = None
         carried = [(n, v) for n, v in llm.request.headers if n in _CARRIED_HEADERS]
-        for attempt in attempts:
-            provider = attempt.provider
-            try:
-                payload = json_bytes(upstream_body(api, operation, body, attempt, settings))
-            except TranslationError as exc:
-                await _answer(sink, cannot_translate(api, exc.field, exc.reason))
-                return
-            target = upstream_target(provider, operation, attempt.model)
-            if target is None:
-                continue
-            upstream = self._provider_upstream(llm.cluster, provider)
-            headers: Headers = [_JSON, (b"content-length", b"%d" % len(payload)), *carried]
-            if provider.type == "anthropic":
-                headers += [(n, v) for n, v in llm.request.headers if n == b"anthropic-beta"]
-            headers += upstream_headers(provider)
-            head_request = UpstreamRequest(
-                b"POST", target.encode("latin-1"), provider.authority.encode("latin-1"), headers, True, len(payload)
-            )
-            pool = self._pools.get(upstream.cluster, upstream.target)
-            exchange: Exchange | None = None
-            try:
+        resilience = llm.resilience
+        retries = RetryState(resilience.retry, deadline=resilience.deadline)
+        while True:
+            route = route_model(settings, model, health, operation)
+            attempts = route.attempts if route is not None else ()
+            failure = _Failure()
+            for attempt in attempts:
+                answered = await self._try(
+                    llm, sink, settings, api, operation, body, attempt, health, carried, failure, progress, began
+                )
+                if answered:
+                    return
+            delay = _retry_delay(retries, failure, anyio.current_time())
+            if delay is None:
+                break
+            log.info(
+                "llm providers all failed, retrying", model=model, cause=failure.cause, retry=retries.retries,
+                backoff=round(delay, 4),
+            )  # fmt: skip
+            if delay > 0:
+                await anyio.sleep(delay)
+        if failure.error is not None:
+            await _answer(sink, failure.error)
+            return
+        await _answer(sink, no_provider(api, attempts[0].model if attempts else model))
+
+    async def _try(
+        self,
+        llm: LlmRequest,
+        sink: ResponseSink,
+        settings: LlmBackendSettings,
+        api: ApiFormat,
+        operation: Operation,
+        body: dict[str, Any],
+        attempt: Attempt,
+        health: ProviderHealth,
+        carried: Headers,
+        failure: _Failure,
+        progress: _Progress,
+        began: float,
+    ) -> bool:
+        """One provider try. True when the client got its answer (an error the request itself
+        caused included); False when the provider failed and `failure` says how."""
+        provider = attempt.provider
+        try:
+            payload = json_bytes(upstream_body(api, operation, body, attempt, settings))
+        except TranslationError as exc:
+            await _answer(sink, cannot_translate(api, exc.field, exc.reason))
+            return True
+        target = upstream_target(provider, operation, attempt.model)
+        if target is None:
+            return False
+        upstream = self._provider_upstream(llm.cluster, provider)
+        headers: Headers = [_JSON, (b"content-length", b"%d" % len(payload)), *carried]
+        if provider.type == "anthropic":
+            headers += [(n, v) for n, v in llm.request.headers if n == b"anthropic-beta"]
+        headers += upstream_headers(provider)
+        head_request = UpstreamRequest(
+            b"POST", target.encode("latin-1"), provider.authority.encode("latin-1"), headers, True, len(payload)
+        )
+        pool = self._pools.get(upstream.cluster, upstream.target)
+        per_try = llm.resilience.per_try
+        exchange: Exchange | None = None
+        try:
+            with anyio.fail_after(math.inf if per_try is None else per_try):
                 exchange = await pool.open(head_request, payload)  # type: ignore[call-arg]
                 head = await exchange.response()
-            except ProxyError as exc:
-                if exchange is not None:
-                    exchange.abort()
-                log.info("llm provider unreachable", provider=provider.name, error=exc.message)
-                health.record_failure(
-                    provider.name, threshold=settings.consecutive_failures, eject_for=settings.eject_for
-                )
-                continue
-            if is_failover_status(head.status) or head.status >= 400:
-                error_body = await _read_error_body(exchange)
-                error = provider_error(api, head.status, head.headers, error_body, provider=provider.name)
-                if not is_failover_status(head.status):
-                    await _answer(sink, error)  # the request's own fault: it would fail anywhere
-                    return
-                health.record_failure(
-                    provider.name,
-                    threshold=settings.consecutive_failures,
-                    eject_for=settings.eject_for,
-                    retry_after=retry_after_seconds(head.headers),
-                )
-                log.info("llm provider failed, trying the next", provider=provider.name, status=head.status)
-                last_error = error
-                continue
-            health.record_success(provider.name)
-            llm.telemetry.record.llm_provider = provider.name
-            llm.telemetry.record.upstream_address = provider.authority
-            usage: TokenUsage | None = None
-            first_chunk: float | None = None
-            try:
-                usage, first_chunk = await _relay(exchange, head.headers, sink, api, provider, body, began)
-            finally:
-                if not exchange.complete:
-                    exchange.abort()
-                if usage is None and operation != "embeddings":
-                    usage = estimated_usage(estimate_input_tokens(api, body), 0) if head.status < 300 else None
-                await self._settle(llm, provider, attempt, operation, usage, time.perf_counter() - began, first_chunk)
-            return
-        if last_error is not None:
-            await _answer(sink, last_error)
-            return
-        await _answer(sink, no_provider(api, attempts[0].model if attempts else ""))
+        except (ProxyError, TimeoutError) as exc:
+            if exchange is not None:
+                exchange.abort()
+            if isinstance(exc, TimeoutError):
+                message = f"provider {provider.name} sent no response within {per_try:g}s"
+                failure.failed("reset", gateway_error(api, 504, message, code="provider_timeout"))
+            else:
+                failure.failed(failure_kind(exc) or "reset", failure.error)
+                message = exc.message
+            log.info("llm provider failed, trying the next", provider=provider.name, error=message)
+            health.record_failure(provider.name, threshold=settings.consecutive_failures, eject_for=settings.eject_for)
+            return False
+        if head.status >= 400:
+            error_body = await _read_error_body(exchange)
+            error = provider_error(api, head.status, head.headers, error_body, provider=provider.name)
+            if not is_failover_status(head.status):
+                await _answer(sink, error)  # the request's own fault: it would fail anywhere
+                return True
+            retry_after = retry_after_seconds(head.headers)
+            health.record_failure(
+                provider.name,
+                threshold=settings.consecutive_failures,
+                eject_for=settings.eject_for,
+                retry_after=retry_after,
+            )
+            log.info("llm provider failed, trying the next", provider=provider.name, status=head.status)
+            failure.failed(head.status, error, retry_after)
+            return False
+        health.record_success(provider.name)
+        record = llm.telemetry.record
+        record.llm_provider = provider.name
+        record.upstream_address = provider.authority
+        estimate = OutputTokenEstimate() if _estimates_output(settings, provider) else None
+        relay = _Relay(exchange, sink, api, llm.resilience.idle, progress, began, estimate)
+        usage: TokenUsage | None = None
+        try:
+            usage = await relay.run(head.headers, provider, body)
+        finally:
+            if not exchange.complete:
+                exchange.abort()
+            if usage is None and relay.answered:
+                usage = _estimate(api, operation, body, relay.estimate)
+                record.llm_usage_estimated = usage is not None
+            with anyio.CancelScope(shield=True):
+                await self._settle(llm, provider, attempt, operation, usage, time.perf_counter() - began, relay.first)
+        return True
 
     async def _settle(
         self,
@@ -373,71 +453,223 @@ class LlmHandler:
             )
 
 
-async def _relay(
-    exchange: Exchange,
-    upstream_headers_: Headers,
-    sink: ResponseSink,
-    api: ApiFormat,
-    provider: LlmProviderSettings,
-    body: dict[str, Any],
-    began: float,
-) -> tuple[TokenUsage | None, float | None]:
-    """Send a provider's success answer to the client: translated or passed through, streams event
-    by event. Returns the usage seen and the time to the first chunk (streams)."""
-    kind = UsageMeter.for_response(upstream_headers_).kind
-    translated = api != provider_format(provider)
-    if kind is BodyKind.EVENT_STREAM:
+@dataclass(slots=True)
+class _Progress:
+    """How far the client's answer got: started as an event stream, ended."""
+
+    stream: bool = False
+    ended: bool = False
+
+
+@dataclass(slots=True)
+class _Failure:
+    """The last failed try of a round: its retry cause, the error the client gets when no try is
+    left, and the provider's Retry-After."""
+
+    cause: FailureKind | int | None = None
+    error: ErrorResponse | None = None
+    retry_after: float | None = None
+
+    def failed(self, cause: FailureKind | int, error: ErrorResponse | None, retry_after: float | None = None) -> None:
+        self.cause = cause
+        self.error = error
+        self.retry_after = retry_after
+
+
+def _retry_delay(state: RetryState, failure: _Failure, now: float) -> float | None:
+    """The wait before another round, or None. A 429 counts as a retryable 5xx (the provider is
+    overloaded, as with 503) when its Retry-After is no longer than the policy's longest backoff;
+    the wait is then at least that Retry-After."""
+    cause = failure.cause
+    retry = state.retry
+    if cause is None or retry is None:
+        return None
+    retry_after = failure.retry_after
+    if cause == 429:
+        if retry_after is not None and retry_after > retry.backoff_max:
+            return None
+        cause = 503
+    delay = state.decide(cause, now)
+    if delay is None or retry_after is None:
+        return delay
+    delay = max(delay, retry_after)
+    if state.deadline is not None and now + delay >= state.deadline:
+        return None
+    return delay
+
+
+def _estimates_output(settings: LlmBackendSettings, provider: LlmProviderSettings) -> bool:
+    """Whether an answer's output tokens are estimated as it passes, in case the provider reports
+    no usage: always for whole answers (read only when no usage is found), for streams only where
+    usage may well be missing (not asked for, or a self-hosted server that may ignore the ask),
+    since it costs a parse of every event."""
+    return provider.type == "openai_compatible" or not settings.stream_usage
+
+
+def _estimate(
+    api: ApiFormat, operation: Operation, body: dict[str, Any], estimate: OutputTokenEstimate | None
+) -> TokenUsage | None:
+    """The usage charged when the provider reported none: the request's input estimated, and the
+    answer's output where it was observed."""
+    if operation == "embeddings":
+        return None
+    output = estimate.total() if estimate is not None else 0
+    return estimated_usage(estimate_input_tokens(api, body), output)
+
+
+async def _end_on_timeout(sink: ResponseSink, api: ApiFormat, progress: _Progress) -> None:
+    """The request's deadline passed: a 504 in the client's format, or an error event ending a
+    stream already under way, or (a whole answer half sent) the connection cut."""
+    message = "the request timed out"
+    if not sink.started:
+        await _answer(sink, gateway_error(api, 504, message, code="timeout"))
+    elif progress.stream and not progress.ended:
+        await sink.write(stream_error_event(api, message, status=504))
+        await sink.end([])
+        progress.ended = True
+    elif not progress.ended:
+        sink.abort()
+
+
+class _Relay:
+    """A provider's success answer sent on to the client: passed through or translated, streams
+    event by event. `first` is the time to the first body piece; `answered` says whether the
+    client got an answer (not a gateway error); `estimate` sees the answer's documents."""
+
+    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "answered", "estimate", "first")
+
+    def __init__(
+        self,
+        exchange: Exchange,
+        sink: ResponseSink,
+        api: ApiFormat,
+        idle: float | None,
+        progress: _Progress,
+        began: float,
+        estimate: OutputTokenEstimate | None,
+    ) -> None:
+        self._exchange = exchange
+        self._sink = sink
+        self._api = api
+        self._idle = math.inf if idle is None else idle
+        self._progress = progress
+        self._began = began
+        self.estimate = estimate
+        self.first: float | None = None
+        self.answered = True
+
+    async def _read(self) -> bytes:
+        """The next body piece; raises ProxyError when the answer breaks, TimeoutError when it stalls."""
+        with anyio.fail_after(self._idle):
+            return await self._exchange.read()
+
+    def _mark_first(self) -> None:
+        if self.first is None:
+            self.first = time.perf_counter() - self._began
+
+    async def run(self, headers: Headers, provider: LlmProviderSettings, body: dict[str, Any]) -> TokenUsage | None:
+        kind = UsageMeter.for_response(headers).kind
+        translated = self._api != provider_format(provider)
+        if kind is BodyKind.EVENT_STREAM:
+            self._progress.stream = True
+            if translated:
+                return await self._translated_stream(body)
+            return await self._stream()
         if translated:
-            return await _relay_translated_stream(exchange, sink, api, body, began)
-        return await _relay_stream(exchange, sink, api, began)
-    data, complete = exchange.take_body()
-    chunks = [data]
-    while not complete:
-        try:
-            piece = await exchange.read()
-        except ProxyError:
-            await _answer(sink, gateway_error(api, 502, "the provider's answer was cut off"))
-            return None, None
-        if not piece:
-            break
-        chunks.append(piece)
-    raw = b"".join(chunks)
-    meter = UsageMeter(BodyKind.JSON)
-    meter.feed(raw)
-    usage = meter.finish()
-    if translated:
+            return await self._translated_whole()
+        return await self._whole(headers)
+
+    async def _whole(self, headers: Headers) -> TokenUsage | None:
+        """A whole answer passed through piece by piece (never held: embeddings can be large)."""
+        observer = self.estimate.observe if self.estimate is not None else None
+        meter = UsageMeter(BodyKind.JSON, observer=observer)
+        sink = self._sink
+        data, complete = self._exchange.take_body()
+        meter.feed(data)
+        if complete:
+            self._mark_first()
+            await sink.start(200, [_JSON, (b"content-length", b"%d" % len(data))], len(data), data, True)
+            self._progress.ended = True
+            return meter.finish()
+        length = _content_length(headers)
+        head: Headers = [_JSON] if length is None else [_JSON, (b"content-length", b"%d" % length)]
+        await sink.start(200, head, length, data, False)
+        while True:
+            try:
+                piece = await self._read()
+            except (ProxyError, TimeoutError) as exc:
+                log.info("llm provider answer cut off", error=getattr(exc, "message", "stalled"))
+                sink.abort()  # a JSON body half sent cannot be ended cleanly
+                self._progress.ended = True
+                return meter.finish()
+            if not piece:
+                break
+            self._mark_first()
+            meter.feed(piece)
+            await sink.write(piece)
+        await sink.end([])
+        self._progress.ended = True
+        return meter.finish()
+
+    async def _translated_whole(self) -> TokenUsage | None:
+        """A whole answer in the other API: read (up to MAX_TRANSLATED_ANSWER), then reshaped."""
+        api = self._api
+        data, complete = self._exchange.take_body()
+        chunks = [data]
+        size = len(data)
+        while True:
+            if size > MAX_TRANSLATED_ANSWER:
+                self.answered = False
+                message = f"the provider's answer is larger than {MAX_TRANSLATED_ANSWER} bytes, too large to translate"
+                await _answer(self._sink, gateway_error(api, 502, message))
+                return None
+            if complete:
+                break
+            try:
+                piece = await self._read()
+            except (ProxyError, TimeoutError):
+                self.answered = False
+                await _answer(self._sink, gateway_error(api, 502, "the provider's answer was cut off"))
+                return None
+            if not piece:
+                break
+            size += len(piece)
+            chunks.append(piece)
+        self._mark_first()
+        raw = b"".join(chunks)
+        observer = self.estimate.observe if self.estimate is not None else None
+        meter = UsageMeter(BodyKind.JSON, observer=observer)
+        meter.feed(raw)
+        usage = meter.finish()
         try:
             document = json.loads(raw)
         except ValueError:
-            await _answer(sink, gateway_error(api, 502, "the provider answered with a body that is not JSON"))
-            return usage, None
+            await _answer(self._sink, gateway_error(api, 502, "the provider answered with a body that is not JSON"))
+            return usage
         if api == "openai":
             out = anthropic_to_openai_response(document, created=int(time.time()))
         else:
             out = openai_to_anthropic_response(document)
         raw = json_bytes(out)
-    await sink.start(200, [_JSON, (b"content-length", b"%d" % len(raw))], len(raw), raw, True)
-    return usage, None
+        await self._sink.start(200, [_JSON, (b"content-length", b"%d" % len(raw))], len(raw), raw, True)
+        self._progress.ended = True
+        return usage
 
-
-async def _relay_translated_stream(
-    exchange: Exchange, sink: ResponseSink, api: ApiFormat, body: dict[str, Any], began: float
-) -> tuple[TokenUsage | None, float | None]:
-    translator: AnthropicToOpenAIStream | OpenAIToAnthropicStream
-    if api == "openai":
-        options = body.get("stream_options")
-        include = isinstance(options, dict) and options.get("include_usage") is True
-        translator = AnthropicToOpenAIStream(created=int(time.time()), include_usage=include)
-    else:
-        translator = OpenAIToAnthropicStream(model=str(body.get("model", "")))
-    await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
-    first: float | None = None
-    data, complete = exchange.take_body()
-    try:
+    async def _translated_stream(self, body: dict[str, Any]) -> TokenUsage | None:
+        translator: AnthropicToOpenAIStream | OpenAIToAnthropicStream
+        if self._api == "openai":
+            options = body.get("stream_options")
+            include = isinstance(options, dict) and options.get("include_usage") is True
+            translator = AnthropicToOpenAIStream(created=int(time.time()), include_usage=include)
+        else:
+            observer = self.estimate.observe if self.estimate is not None else None
+            translator = OpenAIToAnthropicStream(model=str(body.get("model", "")), observer=observer)
+        sink = self._sink
+        await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
+        data, complete = self._exchange.take_body()
         while True:
             if data:
-                if first is None:
-                    first = time.perf_counter() - began
+                self._mark_first()
                 out = translator.feed(data)
                 if out:
                     await sink.write(out)
@@ -446,8 +678,8 @@ async def _relay_translated_stream(
             if complete:
                 break
             try:
-                data = await exchange.read()
-            except ProxyError:
+                data = await self._read()
+            except (ProxyError, TimeoutError):
                 break
             if not data:
                 break
@@ -455,28 +687,24 @@ async def _relay_translated_stream(
         if tail:
             await sink.write(tail)
         await sink.end([])
-    finally:
-        if not exchange.complete:
-            exchange.abort()
-    return translator.usage(), first
+        self._progress.ended = True
+        return translator.usage()
 
-
-async def _relay_stream(
-    exchange: Exchange, sink: ResponseSink, api: ApiFormat, began: float
-) -> tuple[TokenUsage | None, float | None]:
-    """Pass a stream through, whole events only: a cut stream's unfinished event is dropped and an
-    error event in the client's format ends it, so the SDK raises instead of parsing half an event."""
-    meter = UsageMeter(BodyKind.EVENT_STREAM)
-    await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
-    first: float | None = None
-    pending = b""
-    cut = False
-    data, complete = exchange.take_body()
-    try:
+    async def _stream(self) -> TokenUsage | None:
+        """A stream passed through, whole events only: a cut stream's unfinished event is dropped
+        and an error event in the client's format ends it, so the SDK raises instead of parsing
+        half an event."""
+        api = self._api
+        observer = self.estimate.observe if self.estimate is not None else None
+        meter = UsageMeter(BodyKind.EVENT_STREAM, observer=observer)
+        sink = self._sink
+        await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
+        pending = b""
+        cut = False
+        data, complete = self._exchange.take_body()
         while True:
             if data:
-                if first is None:
-                    first = time.perf_counter() - began
+                self._mark_first()
                 meter.feed(data)
                 pending += data
                 boundary = max(pending.rfind(b"\n\n") + 2, pending.rfind(b"\r\n\r\n") + 4, 0)
@@ -486,8 +714,8 @@ async def _relay_stream(
             if complete:
                 break
             try:
-                data = await exchange.read()
-            except ProxyError:
+                data = await self._read()
+            except (ProxyError, TimeoutError):
                 cut = True
                 break
             if not data:
@@ -498,32 +726,18 @@ async def _relay_stream(
         elif pending:
             await sink.write(pending)
         await sink.end([])
-    finally:
-        if not exchange.complete:
-            exchange.abort()
-    return meter.finish(), first
+        self._progress.ended = True
+        return meter.finish()
 
 
-async def _read_body(request: ProxyRequest, limit: int) -> bytes | None:
-    """The whole request body, None when it exceeds `limit` bytes."""
-    source = request.body
-    if source is None:
-        return b""
-    if request.content_length is not None and request.content_length > limit:
-        return None
-    whole = source.take_complete()
-    if whole is not None:
-        return whole if len(whole) <= limit else None
-    parts: list[bytes] = []
-    size = 0
-    while True:
-        data = await source.read()
-        if not data:
-            return b"".join(parts)
-        size += len(data)
-        if size > limit:
-            return None
-        parts.append(data)
+def _content_length(headers: Headers) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            try:
+                return int(value)
+            except ValueError:
+                return None
+    return None
 
 
 async def _read_error_body(exchange: Exchange) -> bytes:
@@ -561,4 +775,12 @@ async def _answer_json(sink: ResponseSink, status: int, document: Any) -> None:
     await sink.start(status, [_JSON, (b"content-length", b"%d" % len(body))], len(body), body, True)
 
 
-__all__ = ["LlmHandler", "LlmRequest", "operation_of", "provider_upstreams", "upstream_body"]
+__all__ = [
+    "NO_RESILIENCE",
+    "LlmHandler",
+    "LlmRequest",
+    "LlmResilience",
+    "operation_of",
+    "provider_upstreams",
+    "upstream_body",
+]

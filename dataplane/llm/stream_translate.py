@@ -26,6 +26,7 @@ what a cut stream is still charged.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from typing import Any, Final
 
 from dataplane.llm.errors import error_from_document, stream_error_event
@@ -40,10 +41,12 @@ TOO_LARGE_MESSAGE: Final = "the provider sent an event larger than the gateway a
 class _StreamTranslator:
     """What both directions share: parsing, the usage reader, the error ending."""
 
-    __slots__ = ("_client", "_meter", "_parser", "_usage", "ended", "error", "finished")
+    __slots__ = ("_client", "_meter", "_observer", "_parser", "_usage", "ended", "error", "finished")
 
-    def __init__(self, client: Any, cap: int) -> None:
+    def __init__(self, client: Any, cap: int, observer: Callable[[object], None] | None = None) -> None:
         self._client = client
+        # Shown each upstream document that carries no usage (for an output estimate).
+        self._observer = observer
         self._parser = SseParser(cap)
         self._meter = UsageMeter(BodyKind.EVENT_STREAM)
         self._usage: TokenUsage | None = None
@@ -192,8 +195,10 @@ class OpenAIToAnthropicStream(_StreamTranslator):
 
     __slots__ = ("_blocks", "_open", "_started", "_stop", "_tools", "_upstream_usage", "model")
 
-    def __init__(self, *, model: str = "", cap: int = DEFAULT_EVENT_CAP) -> None:
-        super().__init__("anthropic", cap)
+    def __init__(
+        self, *, model: str = "", cap: int = DEFAULT_EVENT_CAP, observer: Callable[[object], None] | None = None
+    ) -> None:
+        super().__init__("anthropic", cap, observer)
         self.model = model
         self._started = False
         self._blocks = 0  # Anthropic content blocks opened so far
@@ -244,6 +249,8 @@ class OpenAIToAnthropicStream(_StreamTranslator):
         if isinstance(document.get("usage"), dict):
             self._upstream_usage = document["usage"]
             self._count(event.data)
+        elif self._observer is not None:
+            self._observer(document)
         for choice in document.get("choices") or ():
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue

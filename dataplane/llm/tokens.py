@@ -147,6 +147,54 @@ def estimate_input_tokens(api: ApiFormat, body: Mapping[str, Any]) -> int:
     return total
 
 
+class OutputTokenEstimate:
+    """Estimated output tokens of an answer whose provider reports no usage, from the documents
+    the answer carries: a whole response (OpenAI chat completion or Anthropic message) or the
+    chunks of a stream (OpenAI deltas, Anthropic content_block_delta events), either API. Texts,
+    refusals, thinking and tool-call arguments count; the rest of the framing does not."""
+
+    __slots__ = ("_counter",)
+
+    def __init__(self) -> None:
+        self._counter = TextTokenCounter()
+
+    def observe(self, document: object) -> None:
+        if not isinstance(document, Mapping):
+            return
+        feed = self._counter.feed
+        choices = document.get("choices")
+        if isinstance(choices, list):  # OpenAI: a completion's messages, or a chunk's deltas
+            for choice in choices:
+                if not isinstance(choice, Mapping):
+                    continue
+                message = choice.get("message") or choice.get("delta")
+                if not isinstance(message, Mapping):
+                    continue
+                for key in ("content", "refusal", "reasoning_content"):
+                    value = message.get(key)
+                    if isinstance(value, str):
+                        feed(value)
+                for call in message.get("tool_calls") or ():
+                    function = call.get("function") if isinstance(call, Mapping) else None
+                    if isinstance(function, Mapping):
+                        for key in ("name", "arguments"):
+                            if isinstance(function.get(key), str):
+                                feed(function[key])
+            return
+        delta = document.get("delta")
+        if isinstance(delta, Mapping) and document.get("type") == "content_block_delta":
+            for key in ("text", "partial_json", "thinking"):
+                if isinstance(delta.get(key), str):
+                    feed(delta[key])
+            return
+        if document.get("type") == "message":  # Anthropic: a whole message
+            for text in _content_text(document.get("content")):
+                feed(text)
+
+    def total(self) -> int:
+        return self._counter.total()
+
+
 def estimated_usage(input_tokens: int, output_tokens: int) -> TokenUsage:
     """A `TokenUsage` from estimates (no cache figures: they cannot be guessed)."""
     return TokenUsage(input_tokens, output_tokens, input_tokens + output_tokens)

@@ -30,7 +30,7 @@ The total is the reported ``total_tokens``, else input plus output.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any, Final
@@ -225,13 +225,24 @@ class UsageMeter:
         "_discarding",
         "_event_broken",
         "_line",
+        "_observer",
         "done",
         "gave_up",
         "kind",
     )
 
-    def __init__(self, kind: BodyKind, *, cap: int = JSON_CAP, gave_up: str | None = None) -> None:
+    def __init__(
+        self,
+        kind: BodyKind,
+        *,
+        cap: int = JSON_CAP,
+        gave_up: str | None = None,
+        observer: Callable[[object], None] | None = None,
+    ) -> None:
         self.kind = kind
+        # Shown every parsed document carrying no usage (a JSON body, a stream's payloads), for
+        # an estimate when the provider reports none. Set, it costs a parse of every event.
+        self._observer = observer
         self.gave_up = gave_up
         self.done = False
         self._cap = cap
@@ -247,10 +258,16 @@ class UsageMeter:
         self._event_broken = False  # the current event lost a line to the cap: it is skipped
 
     @classmethod
-    def for_response(cls, headers: Iterable[tuple[bytes, bytes]], *, cap: int = JSON_CAP) -> UsageMeter:
+    def for_response(
+        cls,
+        headers: Iterable[tuple[bytes, bytes]],
+        *,
+        cap: int = JSON_CAP,
+        observer: Callable[[object], None] | None = None,
+    ) -> UsageMeter:
         """A meter for a body with these response headers (one of kind OTHER reads nothing)."""
         kind, reason = body_kind(headers)
-        return cls(kind, cap=cap, gave_up=reason)
+        return cls(kind, cap=cap, gave_up=reason, observer=observer)
 
     def feed(self, data: bytes) -> None:
         """Look at the next piece of the body. Never raises for what the body holds."""
@@ -274,6 +291,8 @@ class UsageMeter:
             body = self._body
             self._body = None
             usage = json_body_usage(body) if body is not None else None
+            if usage is None and body is not None and self._observer is not None:
+                self._observer(_parse(body))
             if usage is not None:
                 self._counts.add(usage)
         elif kind is BodyKind.EVENT_STREAM:
@@ -374,12 +393,20 @@ class UsageMeter:
         if _USAGE_KEY not in payload:
             if payload.strip() == _DONE:
                 self.done = True
+            elif self._observer is not None:
+                self._observer(_parse(payload))
             return
+        observer = self._observer
         if (_NULL_USAGE[0] in payload or _NULL_USAGE[1] in payload) and payload.count(_USAGE_KEY) == 1:
-            return  # an OpenAI chunk before the last: nothing to parse for
-        usage = usage_object(_parse(payload))
+            if observer is not None:  # an OpenAI chunk before the last: only its text matters
+                observer(_parse(payload))
+            return
+        document = _parse(payload)
+        usage = usage_object(document)
         if usage is not None:
             self._counts.add(usage)
+        elif observer is not None:
+            observer(document)
 
 
 __all__ = [

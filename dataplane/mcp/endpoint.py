@@ -64,7 +64,7 @@ from urllib.parse import unquote
 
 from dataplane.config.model import UpstreamCluster
 from dataplane.config.policy import ResilienceSettings
-from dataplane.http.messages import Headers, ProxyRequest, ResponseSink
+from dataplane.http.messages import Headers, ProxyRequest, ResponseSink, read_whole_body
 from dataplane.mcp.federation import FederationConfig, McpFederation, Visibility, allow_all
 from dataplane.mcp.headers import (
     META_PROTOCOL_VERSION,
@@ -779,10 +779,12 @@ async def _read_body(
     The bound is a timer that cancels this task, undone as ``asyncio.timeout`` does (so a cancel
     from elsewhere still wins): once per request, where a cancel scope costs several times more.
     """
-    if request.content_length is not None and request.content_length > limit:
-        raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
-    if request.body is None:
-        return b""
+    whole = request.body.take_complete() if request.body is not None else b""
+    if whole is not None or (request.content_length is not None and request.content_length > limit):
+        # Nothing to wait for: no timer.
+        if whole is None or len(whole) > limit:
+            raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
+        return whole
     if loop is None:
         loop = asyncio.get_running_loop()
     task = asyncio.current_task(loop)
@@ -796,17 +798,11 @@ async def _read_body(
         task.cancel()
 
     timer = loop.call_later(bound, expire)
-    chunks: list[bytes] = []
-    size = 0
     try:
-        while True:
-            data = await request.body.read()
-            if not data:
-                return b"".join(chunks)
-            size += len(data)
-            if size > limit:
-                raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
-            chunks.append(data)
+        body = await read_whole_body(request, limit)
+        if body is None:
+            raise _Reject(413, f"Payload Too Large: the limit is {limit} bytes")
+        return body
     except asyncio.CancelledError:
         if expired and task.uncancel() <= cancelling:
             raise _Reject(408, "Request Timeout: the request body did not arrive in time") from None

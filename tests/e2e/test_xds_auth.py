@@ -83,9 +83,10 @@ async def test_workers_authenticate_over_tls_and_get_only_their_namespace(tmp_pa
                 await cp.wait_for("control plane serving")
 
                 # A token that expires in a few seconds: the stream must end then and come back with
-                # the token the "kubelet" rotates into the file meanwhile.
+                # the token the "kubelet" rotates into the file meanwhile. (Long enough for a worker
+                # to start on a loaded 2-core machine: at 4 s it sometimes expired before the first call.)
                 token_file = tmp_path / "team-a-token"
-                token_file.write_text(api.add_service_account_token("team-a", "gateway", [AUDIENCE], lifetime=4))
+                token_file.write_text(api.add_service_account_token("team-a", "gateway", [AUDIENCE], lifetime=10))
                 outsider_file = tmp_path / "team-b-token"
                 outsider_file.write_text(api.add_service_account_token("team-b", "gateway", [AUDIENCE]))
                 ports = WorkerPorts.free()
