@@ -173,7 +173,8 @@ class ProxyServer:
             listener = self._listeners.pop(bind_key)
             listener.stop()
             log.info("listener removed", listeners=list(listener.names), address=listener.key[0], port=listener.port)
-        self.pools.retain(config.backends)
+        # LLM providers are pooled as clusters of their own: their warm connections survive an update too.
+        self.pools.retain({**config.backends, **self._handler.llm.provider_clusters()})
 
     # --- serving ------------------------------------------------------------------------------
     async def run(self) -> None:

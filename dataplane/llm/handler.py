@@ -222,6 +222,14 @@ class LlmHandler:
                 health.forget(set(providers))
         self._upstreams = upstreams
 
+    def provider_clusters(self) -> dict[str, UpstreamCluster]:
+        """The pool-ready clusters of every configured provider, by name (the pools keep theirs)."""
+        return {
+            upstream.cluster.name: upstream.cluster
+            for _, providers in self._upstreams.values()
+            for upstream in providers.values()
+        }
+
     def health(self, backend: str) -> ProviderHealth:
         health = self._health.get(backend)
         if health is None:

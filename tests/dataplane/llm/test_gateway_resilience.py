@@ -18,7 +18,7 @@ from dataplane.llm.errors import gateway_error
 from dataplane.llm.handler import _Failure, _retry_delay
 from dataplane.policy.resilience import RetryState
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
-from tests.dataplane.llm.test_gateway import LLM, MESSAGES, gateway, openai_client, provider
+from tests.dataplane.llm.test_gateway import LLM, MESSAGES, config, gateway, openai_client, provider
 from tests.dataplane.peers.config import listener
 from tests.dataplane.policy.test_chain import RULE, jwt_authentication, policy, seconds, token
 from tests.peers.llm_providers.script import Reply, Usage
@@ -255,3 +255,18 @@ def test_a_429_waits_its_retry_after_within_the_longest_backoff_and_the_deadline
     assert _retry_delay(state(), failure(429, 5.0), 0.0) is None  # longer than backoff_max
     assert _retry_delay(state(deadline=0.5), failure(429, 0.8), 0.0) is None  # past the deadline
     assert _retry_delay(state(), failure("connect-failure"), 0.0) == pytest.approx(0.05)  # 5xx covers it
+
+
+async def test_a_config_update_keeps_the_providers_warm_connections() -> None:
+    with anyio.fail_after(WITHIN):
+        async with serve_openai("k") as peer:
+            oa = provider("oa", pb.LlmProvider.TYPE_OPENAI, peer.port, "k")
+            async with gateway(oa) as (base, server):
+                client = openai_client(base)
+                await client.chat.completions.create(model="m", messages=MESSAGES)
+                (before,) = [pool for pool in server.pools.pools() if "#llm/" in pool.cluster.name]
+                port = int(base.rsplit(":", 1)[1])
+                await server.apply(config(port, oa, max_request_bytes=1 << 20))  # a new config, same provider
+                await client.chat.completions.create(model="m", messages=MESSAGES)
+                (after,) = [pool for pool in server.pools.pools() if "#llm/" in pool.cluster.name]
+                assert after is before and not before.closed
