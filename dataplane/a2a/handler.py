@@ -86,7 +86,7 @@ from dataplane.http.errors import GatewayTimeout, ProxyError
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink, read_whole_body
 from dataplane.mcp.jsonrpc import decode_json
 from dataplane.observability.metrics import CallOutcome
-from dataplane.policy.authorize import RuleKind, a2a_variables
+from dataplane.policy.authorize import Decision, RuleKind, a2a_variables
 from shared.logging import get_logger
 
 if TYPE_CHECKING:
@@ -483,6 +483,8 @@ class A2aHandler:
             return True
         decision = admitted.authorize("a2a", variable)
         if not decision.allowed:
+            if a2a.telemetry is not None:
+                a2a.telemetry.authorized(decision, admitted.deferred_policy)
             return False
         identity = admitted.identity
         agent = a2a.agent
@@ -500,6 +502,8 @@ class A2aHandler:
             a2a_method=method,
             reason=decision.reason,
         )
+        if a2a.telemetry is not None:
+            a2a.telemetry.authorized(Decision(False, "cross-namespace call without an allow rule"))
         return False
 
     async def _card(self, a2a: A2aRequest, sink: ResponseSink, forward: Forward, outcome: _Outcome) -> None:

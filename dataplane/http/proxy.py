@@ -34,7 +34,7 @@ from dataplane.http.errors import (
 from dataplane.http.headers import HeaderView, downstream_response_headers, upstream_request_headers
 from dataplane.http.messages import BodySource, Headers, ProxyRequest, ResponseSink
 from dataplane.llm.handler import NO_RESILIENCE as NO_LLM_RESILIENCE
-from dataplane.llm.handler import LlmHandler, LlmRequest, LlmResilience
+from dataplane.llm.handler import LlmHandler, LlmRequest, LlmResilience, policy_refusal
 from dataplane.llm.metering import Charge, MeteredSink
 from dataplane.llm.usage import TokenUsage
 from dataplane.mcp.endpoint import CallerPolicy, McpEndpoint
@@ -367,13 +367,7 @@ class ProxyHandler:
         metrics = self.observability.metrics
         decision = outcome.decision
         if decision is not None:
-            rule = decision.rule
-            name = rule.policy if rule is not None else (policy.policies[0] if policy.policies else "")
-            telemetry.record.note_decision(
-                decision.allowed, name, f"{rule.kind.value}[{rule.index}]" if rule is not None else ""
-            )
-            if metrics is not None:
-                metrics.record_authorization(name, allowed=decision.allowed)
+            telemetry.authorized(decision, policy.policies[0] if policy.policies else "")
         if metrics is None:
             return
         for limit in outcome.limits:
@@ -385,9 +379,15 @@ class ProxyHandler:
             metrics.record_budget(budget.policy, remaining=budget.remaining, limit=budget.limit, reset=budget.reset)
 
     async def _refuse(
-        self, request: ProxyRequest, sink: ResponseSink, refused: Refused, telemetry: RequestTelemetry
+        self,
+        request: ProxyRequest,
+        sink: ResponseSink,
+        refused: Refused,
+        telemetry: RequestTelemetry,
+        llm_path: str | None = None,
     ) -> None:
-        """Answer a request the policy chain refused (401, 403, 429, 503, or 500 failing closed)."""
+        """Answer a request the policy chain refused (401, 403, 429, 503, or 500 failing closed); on
+        an LLM backend (`llm_path`) in the error format of the API the client speaks."""
         telemetry.fail(refusal_reason(refused.reason, refused.status), refused.reason)
         if refused.status >= 500:
             log.warning(
@@ -399,7 +399,12 @@ class ProxyHandler:
             )
         else:
             log.debug("request refused by policy", status=refused.status, kind=refused.reason)
-        headers, body = error_body(refused.message)
+        if llm_path is not None:
+            answer = policy_refusal(llm_path, refused.status, refused.message, refused.reason)
+            body = answer.body
+            headers = [*answer.headers, (b"content-length", b"%d" % len(body))]
+        else:
+            headers, body = error_body(refused.message)
         headers.extend(refused.headers)
         await sink.start(refused.status, headers, len(body), body, True)
 
@@ -474,7 +479,7 @@ class ProxyHandler:
                 outcome = await policy.evaluate(request)
                 self._observe_policy(telemetry, policy, outcome)
                 if isinstance(outcome, Refused):
-                    await self._refuse(request, sink, outcome, telemetry)
+                    await self._refuse(request, sink, outcome, telemetry, path if cluster.kind == "llm" else None)
                     return
                 telemetry.identified(outcome.identity)
                 request.headers = outcome.headers

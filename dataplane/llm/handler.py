@@ -147,6 +147,13 @@ def operation_of(path: str) -> tuple[Operation, ApiFormat] | None:
     return None
 
 
+def policy_refusal(path: str, status: int, message: str, code: str) -> ErrorResponse:
+    """A policy's refusal (401, 403, 429 budget or limit, 5xx failing closed) of an LLM request, in
+    the format of the API its path speaks, so the SDK's error carries the message and code."""
+    found = operation_of(path)
+    return gateway_error(found[1] if found is not None else "openai", status, message, code=code)
+
+
 def provider_upstreams(cluster: UpstreamCluster) -> dict[str, _ProviderUpstream]:
     """One pool-ready cluster per provider of an LLM backend (its address and TLS; the backend's
     connect/idle timeouts and connection cap)."""
@@ -280,9 +287,12 @@ class LlmHandler:
             return
         llm.telemetry.record.llm_model = model
         admitted = llm.admitted
-        if admitted is not None and not admitted.authorize("llm", llm_variables(model)).allowed:
-            await _answer(sink, gateway_error(api, 403, f"model `{model}` is not allowed for this caller"))
-            return
+        if admitted is not None:
+            decision = admitted.authorize("llm", llm_variables(model))
+            if not decision.allowed:
+                llm.telemetry.authorized(decision, admitted.deferred_policy)
+                await _answer(sink, gateway_error(api, 403, f"model `{model}` is not allowed for this caller"))
+                return
         health = self.health(llm.cluster.name)
         if route_model(settings, model, health, operation) is None:
             served = operation != "chat" and bool(candidates(settings, model))
@@ -789,6 +799,7 @@ __all__ = [
     "LlmRequest",
     "LlmResilience",
     "operation_of",
+    "policy_refusal",
     "provider_upstreams",
     "upstream_body",
 ]

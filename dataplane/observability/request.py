@@ -17,6 +17,7 @@ from dataplane.observability.tracing import NOOP_SERVER_SPAN, ClientSpan, Server
 
 if TYPE_CHECKING:
     from dataplane.http.messages import ProxyRequest
+    from dataplane.policy.authorize import Decision
     from dataplane.policy.identity import Identity
 
 _OK: Final = RequestReason.OK
@@ -48,6 +49,18 @@ class RequestTelemetry:
         if span is not NOOP_SERVER_SPAN:
             span.set_attribute("agentgate.listener", listener)
             span.set_route(route, backend=backend or None)
+
+    def authorized(self, decision: Decision, fallback_policy: str = "") -> None:
+        """An authorization decision (the policy chain's, or the deferred rules an A2A or LLM handler
+        applies once it knows the method or model) into the access record and the authorization
+        metric; a denial ends the request as an authorization refusal."""
+        rule = decision.rule
+        policy = rule.policy if rule is not None else fallback_policy
+        self.record.note_decision(decision.allowed, policy, f"{rule.kind.value}[{rule.index}]" if rule else "")
+        if self.metrics is not None:
+            self.metrics.record_authorization(policy, allowed=decision.allowed)
+        if not decision.allowed:
+            self.fail(RequestReason.AUTHZ_DENIED, "authorization_denied")
 
     def identified(self, identity: Identity | None) -> None:
         """The caller the policy chain authenticated (None: anonymous)."""

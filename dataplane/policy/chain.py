@@ -188,6 +188,13 @@ class Admitted:
         self._deferred = deferred
         self._charges = charges
 
+    @property
+    def deferred_policy(self) -> str:
+        """The policy a deferred decision is told of when no rule decided it (an allow list none of
+        whose rules held): the first one with deferred rules."""
+        rules = self._deferred
+        return rules.rules[0].policy if rules is not None and rules.rules else ""
+
     def authorize(self, variable: str, value: Mapping[str, Any]) -> Decision:
         """The deferred rules (A2A, LLM backends) with the protocol's variable filled in, e.g.
         ``authorize("a2a", a2a_variables("message/send", target="billing"))``."""
