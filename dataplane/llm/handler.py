@@ -78,6 +78,7 @@ from dataplane.llm.wire import ApiFormat, json_bytes
 from dataplane.observability.request import Observability, RequestTelemetry
 from dataplane.policy.authorize import llm_variables
 from dataplane.policy.chain import Admitted
+from dataplane.policy.identity import Identity
 from dataplane.policy.resilience import FailureKind, RetryState, failure_kind
 from dataplane.upstream.exchange import Exchange, UpstreamRequest
 from dataplane.upstream.pool import UpstreamPools
@@ -145,6 +146,17 @@ def operation_of(path: str) -> tuple[Operation, ApiFormat] | None:
         if path.endswith(suffix):
             return operation, api
     return None
+
+
+def cost_owner(identity: Identity | None) -> str:
+    """Who an LLM call's tokens are allocated to: a service-account token's namespace, else an API
+    key's name (keys are named after the namespace they are issued to), else "" (unknown). A JWT's
+    subject is not used: it is unbounded, and a metric label must not be."""
+    if identity is None:
+        return ""
+    if identity.namespace:
+        return identity.namespace
+    return identity.principal if identity.method == "apikey" else ""
 
 
 def policy_refusal(path: str, status: int, message: str, code: str) -> ErrorResponse:
@@ -432,7 +444,8 @@ class LlmHandler:
                 usage = _estimate(api, operation, body, relay.estimate)
                 record.llm_usage_estimated = usage is not None
             with anyio.CancelScope(shield=True):
-                await self._settle(llm, provider, attempt, operation, usage, time.perf_counter() - began, relay.first)
+                first = relay.first if progress.stream else None  # time to first token: streams only
+                await self._settle(llm, provider, attempt, operation, usage, time.perf_counter() - began, first)
         return True
 
     async def _settle(
@@ -448,6 +461,8 @@ class LlmHandler:
         """Charge budgets (bounded, shielded: the request may be being cancelled), fill the access
         record and the GenAI metrics."""
         record = llm.telemetry.record
+        if first_chunk is not None:
+            record.llm_first_token_ms = round(first_chunk * 1000, 3)
         if usage is not None:
             record.llm_input_tokens = usage.input_tokens
             record.llm_output_tokens = usage.output_tokens
@@ -460,8 +475,14 @@ class LlmHandler:
                     log.warning("token usage not charged", tokens=usage.total_tokens, error=repr(exc))
         metrics = self._observability().metrics
         if metrics is not None:
+            genai_provider = _GENAI_PROVIDER.get(provider.type, provider.name)
+            if usage is not None:
+                metrics.record_llm_tokens(
+                    llm.cluster.name, cost_owner(admitted.identity if admitted is not None else None),
+                    genai_provider, attempt.model, input_tokens=usage.input_tokens, output_tokens=usage.output_tokens,
+                )  # fmt: skip
             metrics.record_llm(
-                _GENAI_PROVIDER.get(provider.type, provider.name),
+                genai_provider,
                 "embeddings" if operation == "embeddings" else "chat",
                 attempt.model,
                 input_tokens=usage.input_tokens if usage is not None else None,

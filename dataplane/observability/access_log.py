@@ -216,6 +216,7 @@ class AccessRecord:
     llm_model: str = ""
     llm_input_tokens: int | None = None
     llm_output_tokens: int | None = None
+    llm_first_token_ms: float | None = None  # streams: from the request to the answer's first chunk
     llm_usage_estimated: bool = False  # the provider reported no usage: the tokens are the gateway's estimate
     decision: str = ""  # "allow" | "deny" when authorization rules decided
     decision_policy: str = ""  # the Policy whose rule decided
@@ -280,6 +281,8 @@ class AccessRecord:
                 llm["input_tokens"] = self.llm_input_tokens
             if self.llm_output_tokens is not None:
                 llm["output_tokens"] = self.llm_output_tokens
+            if self.llm_first_token_ms is not None:
+                llm["time_to_first_token_ms"] = self.llm_first_token_ms
             if self.llm_usage_estimated:
                 llm["usage_estimated"] = True
             out["llm"] = llm

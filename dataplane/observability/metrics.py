@@ -19,6 +19,9 @@ Families (label values are bounded: config names, fixed enums, or capped sets wi
   ``gen_ai_request_model`` (+ ``gen_ai_token_type``, ``error_type``). A model name is the client's to
   choose, so a new one is admitted only from a successful response (the provider accepted it) and up to a
   cap per provider; others are ``_OTHER``.
+- ``agentgate_llm_tokens_total``: tokens per backend, caller, provider, model and type, for cost
+  allocation: the caller is a service-account token's namespace, else an API key's name (name keys after
+  the namespace they are issued to), else ``none`` (at most 1024 callers, then ``_OTHER``).
 - ``agentgate_ratelimit_decisions_total`` (limit, decision allowed|refused|store_down),
   ``agentgate_authorization_decisions_total`` (policy, decision allow|deny),
   ``agentgate_token_budget_remaining_ratio`` / ``..._remaining_tokens`` / ``..._limit_tokens``: the lowest
@@ -184,6 +187,7 @@ MAX_ROUTE_SERIES: Final = 4096  # (listener, route, backend) triples outside the
 MAX_TOOLS_PER_TARGET: Final = 256
 MAX_MODELS_PER_PROVIDER: Final = 100
 MAX_NAMES: Final = 256  # providers, limits, policies, budgets
+MAX_CALLERS: Final = 1024  # namespaces and API keys LLM tokens are allocated to
 
 
 class BoundedNames:
@@ -407,6 +411,14 @@ class WorkerMetrics:
             gen_ai, buckets=GEN_AI_FIRST_CHUNK_BUCKETS, registry=registry,
         )
 
+        self.llm_tokens = Counter(
+            "agentgate_llm_tokens_total",
+            "Tokens used through LLM backends (estimated where the provider reported none), by the caller they "
+            "are allocated to (a service-account token's namespace, else an API key's name, else none), "
+            "provider, model and type (input|output).",
+            ["gateway", "backend", "caller", "provider", "model", "token_type"], registry=registry,
+        )
+
         self.ratelimit_decisions = Counter(
             "agentgate_ratelimit_decisions_total",
             "Rate limit checks, by limit and decision (allowed|refused|store_down).",
@@ -437,6 +449,8 @@ class WorkerMetrics:
         self._gen_ai_duration: dict[tuple[str, str, str, str], HistogramChild] = {}
         self._gen_ai_first: dict[tuple[str, str, str], HistogramChild] = {}
         self._limits = BoundedNames(MAX_NAMES)
+        self._callers = BoundedNames(MAX_CALLERS)
+        self._llm_tokens: dict[tuple[str, str, str, str], tuple[CounterChild, CounterChild]] = {}
         self._limit_children: dict[tuple[str, str], CounterChild] = {}
         self._policies = BoundedNames(MAX_NAMES)
         self._policy_children: dict[tuple[str, bool], CounterChild] = {}
@@ -635,6 +649,29 @@ class WorkerMetrics:
             if first is None:
                 first = self._gen_ai_first[first_key] = self.gen_ai_first_chunk.labels(*first_key)
             first.observe(time_to_first_chunk)
+
+    def record_llm_tokens(
+        self, backend: str, caller: str, provider: str, model: str, *, input_tokens: int, output_tokens: int
+    ) -> None:
+        """Tokens one LLM call used, allocated to ``caller`` ("" when unknown): per-namespace cost
+        tracking. Names past their caps read as ``_OTHER``, so the series stay bounded."""
+        caller = self._callers.admit(caller) if caller else NONE
+        provider = self._providers.admit(provider) if _PROVIDER_NAME.match(provider) else OTHER
+        models = self._models.get(provider)
+        if models is None:
+            models = self._models[provider] = BoundedNames(MAX_MODELS_PER_PROVIDER)
+        model = models.admit(model, may_add=0 < len(model) <= 128) if model else NONE
+        key = (backend, caller, provider, model)
+        children = self._llm_tokens.get(key)
+        if children is None:
+            children = self._llm_tokens[key] = (
+                self.llm_tokens.labels(self.gateway, backend, caller, provider, model, "input"),
+                self.llm_tokens.labels(self.gateway, backend, caller, provider, model, "output"),
+            )
+        if input_tokens > 0:
+            children[0].inc(input_tokens)
+        if output_tokens > 0:
+            children[1].inc(output_tokens)
 
     def record_rate_limit(self, limit: str, *, allowed: bool, store_down: bool = False) -> None:
         """One rate limit check; ``store_down`` when a global limit decided without its store (either way)."""

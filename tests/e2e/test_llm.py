@@ -233,11 +233,15 @@ async def test_chat_and_stream_as_kagent_sends_them(gateway: Gateway) -> None:
     gateway.assert_keys_kept(oa_start, an_start)
     assert len(gateway.anthropic.requests) == an_start
 
+    first_tokens = []
     for line, (tokens_in, tokens_out) in zip(lines, [(11, 4), (6, 3)], strict=True):
         assert line["status"] == 200 and line["path"] == "/v1/chat/completions" and line["principal"] == "tenant-a"
+        first_tokens.append(line["llm"].pop("time_to_first_token_ms", None))
         assert line["llm"] == {
             "provider": "openai", "model": model, "input_tokens": tokens_in, "output_tokens": tokens_out
         }  # fmt: skip
+    whole, streamed = first_tokens
+    assert whole is None and streamed is not None and streamed > 0  # streams only
 
 
 async def test_a_tool_call_round_trip(gateway: Gateway) -> None:

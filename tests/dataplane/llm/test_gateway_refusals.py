@@ -1,10 +1,11 @@
-"""Policy refusals on LLM routes, as the SDKs see them and as the gateway records them: a request the
+"""Policy outcomes on LLM routes, as the SDKs see them and as the gateway records them: a request the
 policy chain refuses (no credential, a spent budget) gets the refusal in the error format of the API
-its client speaks, and a model the `llm.model` rule denies is an authorization decision in the access
-log and the authorization metric like any other."""
+its client speaks, a model the `llm.model` rule denies is an authorization decision in the access
+log and the authorization metric like any other, and the tokens a caller used are allocated to it."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ from dataplane.observability.metrics import WorkerMetrics
 from dataplane.observability.request import Observability
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from tests.dataplane.llm.test_gateway import (
+    LLM,
     MESSAGES,
     anthropic_client,
     gateway,
@@ -87,3 +89,41 @@ async def test_a_denied_model_is_an_authorization_decision_in_the_access_log_and
     assert peer.requests == []
     denied = metrics.authorization_decisions.labels("default/gw", "default/models", "deny")._value.get()
     assert denied == 1
+
+
+async def test_tokens_are_allocated_to_the_caller_and_streams_log_their_time_to_first_token(tmp_path: Path) -> None:
+    keys = pb.ApiKeyAuthentication(
+        keys=[pb.ApiKeyAuthentication.Key(name="tenant-a", sha256=hashlib.sha256(b"key-a").hexdigest())],
+        header="authorization",
+    )
+    callers = policy("default/callers", authentication=pb.Authentication(api_keys=keys))
+    log_path = tmp_path / "access.log"
+    metrics = WorkerMetrics(gateway="default/gw")
+    access_log = AccessLog(FileSink(log_path))
+    access_log.start()
+    try:
+        with anyio.fail_after(WITHIN):
+            async with serve_openai("k") as peer:
+                oa = provider("oa", pb.LlmProvider.TYPE_OPENAI, peer.port, "k")
+                async with gateway(oa, policies=(callers,)) as (base, server):
+                    server._handler.observability = Observability(
+                        gateway="default/gw", metrics=metrics, access_log=access_log
+                    )
+                    client = openai_client(base, key="key-a")
+                    peer.script(Reply(text="one", usage=Usage(7, 1)), Reply(text="two three", usage=Usage(5, 2)))
+                    await client.chat.completions.create(model="gpt-4o", messages=MESSAGES)
+                    stream = await client.chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+                    async for _ in stream:
+                        pass
+        assert await anyio.to_thread.run_sync(access_log.flush, 10.0)
+    finally:
+        access_log.close()
+    whole, streamed = [json.loads(text) for text in log_path.read_text().splitlines()]
+    assert "time_to_first_token_ms" not in whole["llm"]
+    assert streamed["llm"]["time_to_first_token_ms"] > 0 and streamed["llm"]["output_tokens"] == 2
+
+    def allocated(token_type: str) -> float:
+        child = metrics.llm_tokens.labels("default/gw", LLM, "tenant-a", "openai", "gpt-4o", token_type)
+        return float(child._value.get())
+
+    assert (allocated("input"), allocated("output")) == (12, 3)
