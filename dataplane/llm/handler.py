@@ -94,6 +94,9 @@ _CARRIED_HEADERS: Final = frozenset({b"user-agent", b"x-request-id", b"tracepare
 _GENAI_PROVIDER: Final = {"openai": "openai", "anthropic": "anthropic", "azure": "azure.ai.openai"}
 # A whole answer in the other API is read before it is reshaped: at most this much.
 MAX_TRANSLATED_ANSWER: Final = 16 * 1024 * 1024
+# After a translated stream's end, the provider's own body end is awaited this long and this much at most.
+_DRAIN_TIMEOUT: Final = 1.0
+_DRAIN_LIMIT: Final = 64 * 1024
 # The routes, by the end of the path (the route may mount the gateway under a prefix).
 _OPERATIONS: Final[tuple[tuple[str, Operation, ApiFormat], ...]] = (
     ("/chat/completions", "chat", "openai"),
@@ -727,7 +730,25 @@ class _Relay:
             await sink.write(tail)
         await sink.end([])
         self._progress.ended = True
+        if translator.finished:
+            await self._drain()
         return translator.usage()
+
+    async def _drain(self) -> None:
+        """The answer ended (message_stop, [DONE]) before the provider's body did (its last chunk is
+        on the way): read that end, bounded, so the connection goes back to its pool rather than
+        being closed and a new one opened for the next request."""
+        exchange = self._exchange
+        size = 0
+        try:
+            with anyio.move_on_after(min(self._idle, _DRAIN_TIMEOUT)):
+                while not exchange.complete and size <= _DRAIN_LIMIT:
+                    piece = await exchange.read()
+                    if not piece:
+                        break
+                    size += len(piece)
+        except ProxyError:
+            pass
 
     async def _stream(self) -> TokenUsage | None:
         """A stream passed through, whole events only: a cut stream's unfinished event is dropped

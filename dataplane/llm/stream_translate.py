@@ -32,7 +32,26 @@ from typing import Any, Final
 from dataplane.llm.errors import error_from_document, stream_error_event
 from dataplane.llm.translate import anthropic_usage, finish_reason, openai_usage, stop_reason
 from dataplane.llm.usage import BodyKind, TokenUsage, UsageMeter
-from dataplane.llm.wire import DEFAULT_EVENT_CAP, OPENAI_DONE, SseEvent, SseParser, SseTooLarge, sse_data, sse_named
+from dataplane.llm.wire import (
+    DEFAULT_EVENT_CAP,
+    OPENAI_DONE,
+    SseEvent,
+    SseParser,
+    SseTooLarge,
+    json_bytes,
+    sse_data,
+    sse_named,
+)
+
+# json.loads without its per-call argument handling (the data is always a str here).
+_decode: Final = json.JSONDecoder().decode
+# The parts of an OpenAI chunk around its delta, after the (per-stream) id/object/created/model.
+_CHOICE_OPEN: Final = b',"choices":[{"index":0,"delta":'
+_NOT_FINISHED: Final = b',"finish_reason":null,"logprobs":null}]'
+_FINISHED_TAIL: Final = b',"logprobs":null}]'
+_TEXT_OPEN: Final = b'{"content":'
+_NULL_USAGE: Final = b',"usage":null'
+_encode_text: Final = json.encoder.encode_basestring  # a JSON string, non-ASCII kept (as json_bytes)
 
 CUT_MESSAGE: Final = "the provider's stream ended before the answer was complete"
 TOO_LARGE_MESSAGE: Final = "the provider sent an event larger than the gateway accepts"
@@ -63,12 +82,14 @@ class _StreamTranslator:
             events = self._parser.feed(chunk)
         except SseTooLarge:
             return self._fail(TOO_LARGE_MESSAGE)
-        out = bytearray()
+        if len(events) == 1:  # the usual case: the network delivers events one by one
+            return self._event(events[0])
+        out = []
         for event in events:
-            out += self._event(event)
+            out.append(self._event(event))
             if self.ended:
                 break
-        return bytes(out)
+        return b"".join(out)
 
     def close(self) -> bytes:
         """The upstream body ended (or was cut): the client's last bytes."""
@@ -105,7 +126,7 @@ class _StreamTranslator:
 
 def _parse(data: str) -> dict[str, Any] | None:
     try:
-        document = json.loads(data)
+        document = _decode(data)
     except ValueError:
         return None
     return document if isinstance(document, dict) else None
@@ -114,23 +135,39 @@ def _parse(data: str) -> dict[str, Any] | None:
 class AnthropicToOpenAIStream(_StreamTranslator):
     """An Anthropic messages stream -> OpenAI chat.completion.chunk events."""
 
-    __slots__ = ("_base", "_created", "_include_usage", "_tools", "_upstream_usage")
+    __slots__ = ("_base", "_close", "_created", "_head", "_include_usage", "_tools", "_upstream_usage")
 
     def __init__(self, *, created: int, include_usage: bool, cap: int = DEFAULT_EVENT_CAP) -> None:
         super().__init__("openai", cap)
         self._created = created
         self._include_usage = include_usage
         self._base: dict[str, Any] = {"id": "", "object": "chat.completion.chunk", "created": created, "model": ""}
+        # Every chunk is `_head` + its delta + its finish_reason + `_close`: the fields around the
+        # delta are encoded once per stream (again when message_start names the id and model).
+        self._head = b""
+        self._close = (_NULL_USAGE if include_usage else b"") + b"}\n\n"
+        self._encode_head()
         # Anthropic content block index -> OpenAI tool call index.
         self._tools: dict[int, int] = {}
         self._upstream_usage: dict[str, Any] = {}
 
+    def _encode_head(self) -> None:
+        self._head = b"data: " + json_bytes(self._base)[:-1] + _CHOICE_OPEN  # the base object left open
+
     def _chunk(self, delta: dict[str, Any], finish: str | None = None) -> bytes:
-        choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": None}
-        chunk = {**self._base, "choices": [choice]}
-        if self._include_usage:
-            chunk["usage"] = None
-        return sse_data(chunk)
+        """One chat.completion.chunk event: the bytes sse_data gives for the whole document."""
+        end = _NOT_FINISHED if finish is None else b',"finish_reason":' + json_bytes(finish) + _FINISHED_TAIL
+        return b"".join((self._head, json_bytes(delta), end, self._close))
+
+    def _text_chunk(self, text: Any) -> bytes:
+        """`_chunk({"content": text})`, the string encoded directly (most events are text deltas)."""
+        if type(text) is not str:
+            return self._chunk({"content": text})
+        try:
+            encoded = _encode_text(text).encode()
+        except UnicodeEncodeError:  # a lone surrogate: escaped, as JSON allows
+            encoded = json.encoder.encode_basestring_ascii(text).encode()
+        return b"".join((self._head, _TEXT_OPEN, encoded, b"}", _NOT_FINISHED, self._close))
 
     def _event(self, event: SseEvent) -> bytes:
         document = _parse(event.data)
@@ -140,7 +177,7 @@ class AnthropicToOpenAIStream(_StreamTranslator):
         if kind == "content_block_delta":
             delta = document.get("delta") or {}
             if delta.get("type") == "text_delta":
-                return self._chunk({"content": delta.get("text", "")})
+                return self._text_chunk(delta.get("text", ""))
             if delta.get("type") == "input_json_delta" and document.get("index") in self._tools:
                 call = {
                     "index": self._tools[document["index"]],
@@ -165,6 +202,7 @@ class AnthropicToOpenAIStream(_StreamTranslator):
             message = document.get("message") or {}
             self._base["id"] = message.get("id", "")
             self._base["model"] = message.get("model", "")
+            self._encode_head()
             if isinstance(message.get("usage"), dict):
                 self._upstream_usage.update(message["usage"])
                 self._count(event.data)

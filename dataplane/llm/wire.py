@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final, Literal
+from typing import Any, Final, Literal, NoReturn
 
 # The API a client speaks (and so the shape of every answer it gets): OpenAI's chat
 # completions family, or Anthropic's messages.
@@ -19,6 +19,8 @@ ApiFormat = Literal["openai", "anthropic"]
 # Bytes of one unfinished event (its lines so far) kept at most.
 DEFAULT_EVENT_CAP: Final = 1024 * 1024
 _COMPACT: Final = (",", ":")
+# One encoder for every document (json.dumps with options builds a new one per call).
+_ENCODER: Final = json.JSONEncoder(separators=_COMPACT, ensure_ascii=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -55,13 +57,73 @@ class SseParser:
 
     def feed(self, chunk: bytes) -> list[SseEvent]:
         """The events `chunk` completes; raises SseTooLarge past the cap."""
-        events: list[SseEvent] = []
         pos = 0
-        size = len(chunk)
-        if self._after_cr and size:
+        if self._after_cr and chunk:
             self._after_cr = False
             if chunk[0] == 0x0A:
                 pos = 1
+        if b"\r" in chunk:
+            return self._feed_lines(chunk, pos)
+        if b"\n" not in chunk:  # no line ends here: the open line grows
+            if chunk:
+                self._grow(chunk)
+            return []
+        # LF line ends only (what providers send): split the chunk at once, one pass per line.
+        lines = (chunk[pos:] if pos else chunk).split(b"\n")
+        tail = lines.pop()  # the line left open (b"" when the chunk ends a line)
+        held = b""
+        if lines and self._line:  # the line the last chunk left open ends here
+            held = bytes(self._line)
+            self._line.clear()
+            self._size -= len(held)
+            lines[0] = held + lines[0]
+        events: list[SseEvent] = []
+        cap = self._cap
+        size = self._size
+        data = self._data
+        event = self._event
+        for line in lines:
+            if size + len(line) > cap:
+                self._too_large(size + len(line), data, event, held)
+            held = b""
+            if not line:
+                if data or event:
+                    events.append(SseEvent(event, "\n".join(data)))
+                    event = ""
+                    data = []
+                    size = 0
+                continue
+            if line[0] == 0x3A:  # comment
+                continue
+            name, colon, value = line.partition(b":")
+            if name == b"data":
+                if colon and value[:1] == b" ":
+                    value = value[1:]
+                data.append(value.decode("utf-8", "replace"))
+                size += len(value) + 1
+            elif name == b"event":
+                if colon and value[:1] == b" ":
+                    value = value[1:]
+                event = value.decode("utf-8", "replace")
+        self._data = data
+        self._event = event
+        self._size = size
+        if tail:
+            self._grow(tail)
+        return events
+
+    def _too_large(self, size: int, data: list[str], event: str, held: bytes) -> NoReturn:
+        """Raise SseTooLarge, leaving the state as the line-by-line scanner leaves it."""
+        self._data = data
+        self._event = event
+        self._size = size
+        self._line += held
+        raise SseTooLarge(f"an event larger than {self._cap} bytes")
+
+    def _feed_lines(self, chunk: bytes, pos: int) -> list[SseEvent]:
+        """`feed` for chunks holding a CR (CR or CRLF line ends): line by line."""
+        events: list[SseEvent] = []
+        size = len(chunk)
         while pos < size:
             lf = chunk.find(b"\n", pos)
             cr = chunk.find(b"\r", pos, lf if lf >= 0 else size)
@@ -115,7 +177,11 @@ class SseParser:
 
 def json_bytes(document: Any) -> bytes:
     """Compact JSON, UTF-8 (non-ASCII kept as is, like the providers send it)."""
-    return json.dumps(document, separators=_COMPACT, ensure_ascii=False).encode()
+    text = _ENCODER.encode(document)
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (a provider's "\\ud800"): escaped, as JSON allows
+        return json.dumps(document, separators=_COMPACT).encode()
 
 
 def sse_data(document: Any) -> bytes:

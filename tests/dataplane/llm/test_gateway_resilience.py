@@ -270,3 +270,19 @@ async def test_a_config_update_keeps_the_providers_warm_connections() -> None:
                 await client.chat.completions.create(model="m", messages=MESSAGES)
                 (after,) = [pool for pool in server.pools.pools() if "#llm/" in pool.cluster.name]
                 assert after is before and not before.closed
+
+
+async def test_a_translated_stream_hands_its_provider_connection_back() -> None:
+    """Anthropic's message_stop ends the client's stream before the provider's body ends: the
+    gateway still reads that end so the next request reuses the connection."""
+    with anyio.fail_after(WITHIN):
+        async with serve_anthropic("k") as peer:
+            an = provider("an", pb.LlmProvider.TYPE_ANTHROPIC, peer.port, "k")
+            async with gateway(an) as (base, server):
+                client = openai_client(base)
+                for _ in range(3):
+                    stream = await client.chat.completions.create(model="m", messages=MESSAGES, stream=True)
+                    text = "".join([chunk.choices[0].delta.content or "" async for chunk in stream if chunk.choices])
+                    assert text.startswith("echo:")
+                (pool,) = [pool for pool in server.pools.pools() if "#llm/" in pool.cluster.name]
+                assert pool.connection_count == 1

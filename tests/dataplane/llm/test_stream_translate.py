@@ -343,3 +343,56 @@ def test_parser_cap_bounds_one_event() -> None:
     assert parser.feed(b"data: 1234\n") == []
     with pytest.raises(SseTooLarge):
         parser.feed(b"data: 12345678\n")
+
+
+def _parse_pieces(pieces: list[bytes], cap: int) -> list[tuple[str, str] | str]:
+    parser = SseParser(cap)
+    seen: list[tuple[str, str] | str] = []
+    for piece in pieces:
+        try:
+            seen.extend((e.event, e.data) for e in parser.feed(piece))
+        except SseTooLarge:
+            seen.append("too large")
+            break
+    return seen
+
+
+def test_parser_lf_fast_path_matches_the_line_by_line_scanner() -> None:
+    """LF-only chunks take a split-at-once path; CRLF ones go line by line: on the same streams,
+    cut anywhere and under any cap, both must see the same events and the same overflow."""
+    import random
+
+    atoms = [b"data: ", b"data:", b"event: ", b": c", b"id: 1", b"\n", b"\n\n", b"x", b" ", b'{"a":1}', b"\xc3\xa9"]
+    rng = random.Random(8)
+    for _ in range(2000):
+        body = b"".join(rng.choice(atoms) for _ in range(rng.randint(0, 40)))
+        cuts = sorted(rng.sample(range(len(body) + 1), min(len(body) + 1, rng.randint(0, 8))))
+        cap = rng.choice([8, 16, 30, 1 << 20])
+        lf = [body[a:b] for a, b in zip([0, *cuts], [*cuts, len(body)], strict=True)]
+        crlf = [piece.replace(b"\n", b"\r\n") for piece in lf]
+        assert _parse_pieces(lf, cap) == _parse_pieces(crlf, cap), (body, cuts, cap)
+
+
+def test_a_lone_surrogate_in_provider_text_is_escaped_not_a_crash() -> None:
+    """JSON lets a provider send "\\ud800"; UTF-8 cannot carry it, so the gateway escapes it."""
+    events = [
+        (
+            "message_start",
+            {"type": "message_start", "message": {"id": "m", "model": "c", "usage": {"input_tokens": 1}}},
+        ),
+        (
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": "a\ud800b"}},
+        ),
+        (
+            "message_delta",
+            {"type": "message_delta", "delta": {"stop_reason": "end_turn"}, "usage": {"output_tokens": 2}},
+        ),
+        ("message_stop", {"type": "message_stop"}),
+    ]
+    body = b"".join(
+        b"event: " + name.encode() + b"\ndata: " + json.dumps(doc).encode() + b"\n\n" for name, doc in events
+    )
+    chunks, done = openai_chunks(feed_split(AnthropicToOpenAIStream(created=1, include_usage=False), body, []))
+    assert done and chunks[1].choices[0].delta.content == "a\ud800b"
+    assert sse_data({"text": "\ud800"}) == b'data: {"text":"\\ud800"}\n\n'
