@@ -62,6 +62,7 @@ from dataplane.llm.routing import (
 )
 from dataplane.llm.stream_translate import (
     CUT_MESSAGE,
+    TOO_LARGE_MESSAGE,
     AnthropicToOpenAIStream,
     OpenAIToAnthropicStream,
 )
@@ -74,7 +75,7 @@ from dataplane.llm.translate import (
     openai_to_anthropic_response,
 )
 from dataplane.llm.usage import BodyKind, TokenUsage, UsageMeter
-from dataplane.llm.wire import ApiFormat, json_bytes
+from dataplane.llm.wire import DEFAULT_EVENT_CAP, ApiFormat, drop_usage_chunks, json_bytes
 from dataplane.observability.request import Observability, RequestTelemetry
 from dataplane.policy.authorize import llm_variables
 from dataplane.policy.chain import Admitted
@@ -616,7 +617,9 @@ class _Relay:
             self._progress.stream = True
             if translated:
                 return await self._translated_stream(body)
-            return await self._stream()
+            options = body.get("stream_options")
+            asked = isinstance(options, dict) and options.get("include_usage") is True
+            return await self._stream(hide_usage=self._api == "openai" and not asked)
         if translated:
             return await self._translated_whole()
         return await self._whole(headers)
@@ -750,27 +753,32 @@ class _Relay:
         except ProxyError:
             pass
 
-    async def _stream(self) -> TokenUsage | None:
+    async def _stream(self, *, hide_usage: bool) -> TokenUsage | None:
         """A stream passed through, whole events only: a cut stream's unfinished event is dropped
         and an error event in the client's format ends it, so the SDK raises instead of parsing
-        half an event."""
+        half an event. `hide_usage`: the usage chunk was asked for by the gateway, not the client,
+        so it is read and not forwarded. One event is at most DEFAULT_EVENT_CAP bytes."""
         api = self._api
         observer = self.estimate.observe if self.estimate is not None else None
         meter = UsageMeter(BodyKind.EVENT_STREAM, observer=observer)
         sink = self._sink
         await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
         pending = b""
-        cut = False
+        cut = too_large = False
         data, complete = self._exchange.take_body()
         while True:
             if data:
                 self._mark_first()
                 meter.feed(data)
                 pending += data
-                boundary = max(pending.rfind(b"\n\n") + 2, pending.rfind(b"\r\n\r\n") + 4, 0)
+                boundary = _events_end(pending)
                 if boundary > 0:
-                    await sink.write(pending[:boundary])
+                    events = pending[:boundary]
+                    await sink.write(drop_usage_chunks(events) if hide_usage else events)
                     pending = pending[boundary:]
+                if len(pending) > DEFAULT_EVENT_CAP:
+                    too_large = True
+                    break
             if complete:
                 break
             try:
@@ -780,14 +788,23 @@ class _Relay:
                 break
             if not data:
                 break
-        if cut or (api == "openai" and not meter.done):
+        if too_large:
+            await sink.write(stream_error_event(api, TOO_LARGE_MESSAGE))
+        elif cut or (api == "openai" and not meter.done):
             # A cut (or an OpenAI stream without [DONE]): never end as if the answer were whole.
             await sink.write(stream_error_event(api, CUT_MESSAGE))
         elif pending:
-            await sink.write(pending)
+            await sink.write(drop_usage_chunks(pending) if hide_usage else pending)
         await sink.end([])
         self._progress.ended = True
         return meter.finish()
+
+
+def _events_end(pending: bytes) -> int:
+    """Where the whole events in `pending` end (after their blank line), 0 when none has."""
+    lf = pending.rfind(b"\n\n")
+    crlf = pending.rfind(b"\r\n\r\n")
+    return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
 
 
 def _content_length(headers: Headers) -> int | None:

@@ -195,3 +195,23 @@ def sse_named(name: str, document: Any) -> bytes:
 
 
 OPENAI_DONE: Final = b"data: [DONE]\n\n"
+_EMPTY_CHOICES: Final = b'"choices":[]'
+
+
+def drop_usage_chunks(events: bytes) -> bytes:
+    """Whole OpenAI stream events without the usage-only chunk (no choices, a usage object): the
+    one the gateway asked the provider for on behalf of a client that did not ask for it. Other
+    chunks without choices (Azure's prompt_filter_results) stay."""
+    if _EMPTY_CHOICES not in events:
+        return events
+    kept = []
+    for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
+        if _EMPTY_CHOICES in event and event.startswith(b"data:"):
+            try:
+                document = json.loads(event[5:])
+            except ValueError:
+                document = None
+            if isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict):
+                continue
+        kept.append(event)
+    return b"\n\n".join(kept)

@@ -16,6 +16,7 @@ import pytest
 from dataplane.config.compile import compile_config
 from dataplane.config.model import RuntimeConfig
 from dataplane.http.server import ProxyServer
+from dataplane.llm.wire import DEFAULT_EVENT_CAP
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.resources import BACKEND, LISTENER, POLICY, ROUTE, TARGET
 from tests.conftest import free_port
@@ -104,6 +105,42 @@ async def test_chat_and_stream_through_an_openai_provider_with_the_gateway_key()
         assert recorded.headers["authorization"] == "Bearer sk-gw"
         assert CLIENT_TOKEN not in str(recorded.headers)
     assert second.json["stream_options"] == {"include_usage": True}  # asked for usage by the gateway
+
+
+async def test_the_usage_chunk_reaches_only_clients_that_asked_for_it_and_is_charged_either_way() -> None:
+    """The gateway asks every OpenAI stream for usage; a client that did not ask never sees the
+    extra chunk without choices (a client reading choices[0] would break on it)."""
+    budget = pb.TokenBudget(name="daily", tokens=1000, key="jwt.sub", period=pb.TokenBudget.PERIOD_DAY)
+    charged = policy(authentication=jwt_authentication(), token_budgets=pb.TokenBudgets(budgets=[budget]))
+    async with serve_openai("sk-gw") as peer, gateway(oa_provider(peer.port), policies=(charged,)) as (base, server):
+        client = openai_client(base, key=token(sub="alice").decode())
+        chunks: dict[bool, list[Any]] = {}
+        for asked in (False, True):
+            peer.script(Reply(text="one two three", usage=Usage(10, 3)))
+            options: Any = {"include_usage": True} if asked else openai.NOT_GIVEN
+            stream = await client.chat.completions.create(
+                model="gpt-4o", messages=MESSAGES, stream=True, stream_options=options
+            )
+            chunks[asked] = [chunk async for chunk in stream]
+        chain = server._handler._policy_table.for_request(f"{listener(0).name}", RULE, LLM)
+        assert chain is not None
+        remaining = chain.budgets[0].limiter.status("alice").remaining  # type: ignore[attr-defined]
+    assert all(chunk.choices for chunk in chunks[False])
+    assert "".join(chunk.choices[0].delta.content or "" for chunk in chunks[False]) == "one two three"
+    (last,) = [chunk for chunk in chunks[True] if not chunk.choices]
+    assert last.usage is not None and last.usage.total_tokens == 13
+    assert remaining == 1000 - 2 * 13  # both streams charged
+
+
+async def test_a_passed_through_event_past_the_cap_ends_the_stream_with_an_error() -> None:
+    """A provider event is held until it is whole, so one event is bounded (1 MiB)."""
+    async with serve_openai("sk-gw") as peer, gateway(oa_provider(peer.port)) as (base, _):
+        peer.script(Reply(text="big", pieces=["x" * (2 * DEFAULT_EVENT_CAP)]))
+        stream = await openai_client(base).chat.completions.create(model="gpt-4o", messages=MESSAGES, stream=True)
+        with pytest.raises(openai.APIError) as failed:
+            async for _ in stream:
+                pass
+    assert "larger than the gateway accepts" in str(failed.value)
 
 
 async def test_the_openai_client_through_an_anthropic_provider_translated() -> None:
@@ -216,3 +253,11 @@ async def test_a_cut_stream_ends_cleanly_and_its_usage_so_far_is_charged() -> No
             remaining = chain.budgets[0].limiter.status("alice").remaining  # type: ignore[attr-defined]
     assert "ended before the answer was complete" in str(cut.value)
     assert remaining == 1000 - 41  # message_start's usage (40 in, 1 out), seen before the cut
+
+
+def test_a_passed_through_stream_is_written_up_to_its_last_whole_event() -> None:
+    from dataplane.llm.handler import _events_end
+
+    assert _events_end(b"") == _events_end(b"data: {") == _events_end(b"data: x\n") == 0
+    assert _events_end(b"data: a\n\ndata: b") == len(b"data: a\n\n")
+    assert _events_end(b"data: a\r\n\r\ndata: b\n") == len(b"data: a\r\n\r\n")

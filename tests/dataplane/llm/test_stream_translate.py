@@ -16,7 +16,7 @@ from pydantic import TypeAdapter
 
 from dataplane.llm.stream_translate import CUT_MESSAGE, AnthropicToOpenAIStream, OpenAIToAnthropicStream
 from dataplane.llm.usage import TokenUsage
-from dataplane.llm.wire import SseParser, SseTooLarge, sse_data, sse_named
+from dataplane.llm.wire import SseParser, SseTooLarge, drop_usage_chunks, sse_data, sse_named
 
 ANTHROPIC_EVENT = TypeAdapter(RawMessageStreamEvent)
 
@@ -396,3 +396,15 @@ def test_a_lone_surrogate_in_provider_text_is_escaped_not_a_crash() -> None:
     chunks, done = openai_chunks(feed_split(AnthropicToOpenAIStream(created=1, include_usage=False), body, []))
     assert done and chunks[1].choices[0].delta.content == "a\ud800b"
     assert sse_data({"text": "\ud800"}) == b'data: {"text":"\\ud800"}\n\n'
+
+
+def test_only_the_usage_only_chunk_is_dropped_for_a_client_that_did_not_ask() -> None:
+    azure_filter = b'data: {"choices":[],"prompt_filter_results":[{"prompt_index":0}]}\n\n'
+    text = b'data: {"choices":[{"index":0,"delta":{"content":"hi"}}],"usage":null}\n\n'
+    usage = b'data: {"choices":[],"usage":{"prompt_tokens":1,"completion_tokens":1,"total_tokens":2}}\n\n'
+    done = b"data: [DONE]\n\n"
+    assert drop_usage_chunks(azure_filter + text + usage + done) == azure_filter + text + done
+    assert drop_usage_chunks(usage) == b""
+    assert drop_usage_chunks(text) == text  # nothing to drop: the bytes as they came
+    crlf = (text + usage + done).replace(b"\n", b"\r\n")
+    assert events_of(drop_usage_chunks(crlf)) == events_of(text + done)
