@@ -19,7 +19,7 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, NoReturn
 
 import anyio
 
@@ -98,6 +98,8 @@ MAX_TRANSLATED_ANSWER: Final = 16 * 1024 * 1024
 # After a translated stream's end, the provider's own body end is awaited this long and this much at most.
 _DRAIN_TIMEOUT: Final = 1.0
 _DRAIN_LIMIT: Final = 64 * 1024
+# A provider's error body is read this long at most (it only gives the error's message).
+_ERROR_BODY_TIMEOUT: Final = 5.0
 # The routes, by the end of the path (the route may mount the gateway under a prefix).
 _OPERATIONS: Final[tuple[tuple[str, Operation, ApiFormat], ...]] = (
     ("/chat/completions", "chat", "openai"),
@@ -290,8 +292,8 @@ class LlmHandler:
             await _answer(sink, body_too_large(api, settings.max_request_bytes))
             return
         try:
-            body = json.loads(raw) if raw else None
-        except ValueError as exc:
+            body = json.loads(raw, parse_constant=_not_json, parse_float=_finite_float) if raw else None
+        except (ValueError, RecursionError) as exc:
             await _answer(sink, malformed_json(api, str(exc)))
             return
         if not isinstance(body, dict):
@@ -384,8 +386,14 @@ class LlmHandler:
         try:
             payload = json_bytes(upstream_body(api, operation, body, attempt, settings))
         except TranslationError as exc:
-            await _answer(sink, cannot_translate(api, exc.field, exc.reason))
-            return True
+            # Not the provider's failure: a later provider (of the client's own API) may carry it.
+            failure.cause, failure.error = None, cannot_translate(api, exc.field, exc.reason)
+            return False
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+            # A field of the wrong type (`"stop": 5`, `"tools": 5`) the translator did not check.
+            message = f"the request cannot be carried to provider {provider.name}: {exc}"
+            failure.cause, failure.error = None, gateway_error(api, 400, message)
+            return False
         target = upstream_target(provider, operation, attempt.model)
         if target is None:
             return False
@@ -416,8 +424,13 @@ class LlmHandler:
             log.info("llm provider failed, trying the next", provider=provider.name, error=message)
             health.record_failure(provider.name, threshold=settings.consecutive_failures, eject_for=settings.eject_for)
             return False
+        if head.status != 200 and head.status < 400:
+            exchange.abort()
+            message = f"provider {provider.name} answered HTTP {head.status}, not an answer"
+            await _answer(sink, gateway_error(api, 502, message))
+            return True
         if head.status >= 400:
-            error_body = await _read_error_body(exchange)
+            error_body = await _read_error_body(exchange, llm.resilience.idle)
             error = provider_error(api, head.status, head.headers, error_body, provider=provider.name)
             if not is_failover_status(head.status):
                 await _answer(sink, error)  # the request's own fault: it would fail anywhere
@@ -444,6 +457,8 @@ class LlmHandler:
         finally:
             if not exchange.complete:
                 exchange.abort()
+            if usage is None and relay.seen is not None:
+                usage = relay.seen()  # cancelled mid-way: what the provider reported so far
             if usage is None and relay.answered:
                 usage = _estimate(api, operation, body, relay.estimate)
                 record.llm_usage_estimated = usage is not None
@@ -579,7 +594,7 @@ class _Relay:
     event by event. `first` is the time to the first body piece; `answered` says whether the
     client got an answer (not a gateway error); `estimate` sees the answer's documents."""
 
-    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "answered", "estimate", "first")
+    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "answered", "estimate", "first", "seen")
 
     def __init__(
         self,
@@ -600,6 +615,8 @@ class _Relay:
         self.estimate = estimate
         self.first: float | None = None
         self.answered = True
+        # The usage the answer reported so far, for a relay cancelled mid-way (client gone, deadline).
+        self.seen: Callable[[], TokenUsage | None] | None = None
 
     async def _read(self) -> bytes:
         """The next body piece; raises ProxyError when the answer breaks, TimeoutError when it stalls."""
@@ -628,16 +645,18 @@ class _Relay:
         """A whole answer passed through piece by piece (never held: embeddings can be large)."""
         observer = self.estimate.observe if self.estimate is not None else None
         meter = UsageMeter(BodyKind.JSON, observer=observer)
+        self.seen = meter.finish
         sink = self._sink
         data, complete = self._exchange.take_body()
         meter.feed(data)
+        content_type = _content_type(headers)
         if complete:
             self._mark_first()
-            await sink.start(200, [_JSON, (b"content-length", b"%d" % len(data))], len(data), data, True)
+            await sink.start(200, [content_type, (b"content-length", b"%d" % len(data))], len(data), data, True)
             self._progress.ended = True
             return meter.finish()
         length = _content_length(headers)
-        head: Headers = [_JSON] if length is None else [_JSON, (b"content-length", b"%d" % length)]
+        head: Headers = [content_type] if length is None else [content_type, (b"content-length", b"%d" % length)]
         await sink.start(200, head, length, data, False)
         while True:
             try:
@@ -691,11 +710,18 @@ class _Relay:
         except ValueError:
             await _answer(self._sink, gateway_error(api, 502, "the provider answered with a body that is not JSON"))
             return usage
-        if api == "openai":
-            out = anthropic_to_openai_response(document, created=int(time.time()))
-        else:
-            out = openai_to_anthropic_response(document)
-        raw = json_bytes(out)
+        try:
+            if not isinstance(document, dict):
+                raise TypeError("not a JSON object")
+            if api == "openai":
+                out = anthropic_to_openai_response(document, created=int(time.time()))
+            else:
+                out = openai_to_anthropic_response(document)
+            raw = json_bytes(out)
+        except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+            message = "the provider answered with a body that is not a valid answer of its API"
+            await _answer(self._sink, gateway_error(api, 502, message))
+            return usage
         await self._sink.start(200, [_JSON, (b"content-length", b"%d" % len(raw))], len(raw), raw, True)
         self._progress.ended = True
         return usage
@@ -709,6 +735,7 @@ class _Relay:
         else:
             observer = self.estimate.observe if self.estimate is not None else None
             translator = OpenAIToAnthropicStream(model=str(body.get("model", "")), observer=observer)
+        self.seen = translator.usage
         sink = self._sink
         await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
         data, complete = self._exchange.take_body()
@@ -761,6 +788,7 @@ class _Relay:
         api = self._api
         observer = self.estimate.observe if self.estimate is not None else None
         meter = UsageMeter(BodyKind.EVENT_STREAM, observer=observer)
+        self.seen = meter.finish
         sink = self._sink
         await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
         pending = b""
@@ -781,6 +809,8 @@ class _Relay:
                     break
             if complete:
                 break
+            if meter.done:
+                break  # the answer is whole ([DONE], message_stop): the body's own end is not waited for
             try:
                 data = await self._read()
             except (ProxyError, TimeoutError):
@@ -788,16 +818,33 @@ class _Relay:
                 break
             if not data:
                 break
+        if not cut and not too_large:
+            meter.finish()  # the body ended: a last event without its blank line still counts
         if too_large:
             await sink.write(stream_error_event(api, TOO_LARGE_MESSAGE))
-        elif cut or (api == "openai" and not meter.done):
-            # A cut (or an OpenAI stream without [DONE]): never end as if the answer were whole.
+        elif not meter.done:
+            # A cut, or a stream without its end ([DONE], message_stop): never end as if it were whole.
             await sink.write(stream_error_event(api, CUT_MESSAGE))
         elif pending:
             await sink.write(drop_usage_chunks(pending) if hide_usage else pending)
         await sink.end([])
         self._progress.ended = True
+        if meter.done and not cut and not too_large:
+            await self._drain()
         return meter.finish()
+
+
+def _not_json(constant: str) -> NoReturn:
+    """json.loads takes NaN and Infinity, which JSON has not (a provider would refuse the body)."""
+    raise ValueError(f"{constant} is not a JSON value")
+
+
+def _finite_float(text: str) -> float:
+    """A JSON number as a float, refusing one too large for it (1e400 would go out as Infinity)."""
+    value = float(text)
+    if math.isinf(value):
+        raise ValueError(f"{text} is too large a number")
+    return value
 
 
 def _events_end(pending: bytes) -> int:
@@ -805,6 +852,14 @@ def _events_end(pending: bytes) -> int:
     lf = pending.rfind(b"\n\n")
     crlf = pending.rfind(b"\r\n\r\n")
     return max(lf + 2 if lf >= 0 else 0, crlf + 4 if crlf >= 0 else 0)
+
+
+def _content_type(headers: Headers) -> tuple[bytes, bytes]:
+    """The provider's content-type (JSON when it named none): a pass-through answer keeps it."""
+    for name, value in headers:
+        if name == b"content-type":
+            return (b"content-type", value)
+    return _JSON
 
 
 def _content_length(headers: Headers) -> int | None:
@@ -817,18 +872,21 @@ def _content_length(headers: Headers) -> int | None:
     return None
 
 
-async def _read_error_body(exchange: Exchange) -> bytes:
-    """Up to MAX_ERROR_BODY bytes of a provider's error answer (its message is all that is kept)."""
+async def _read_error_body(exchange: Exchange, idle: float | None = None) -> bytes:
+    """Up to MAX_ERROR_BODY bytes of a provider's error answer (its message is all that is kept),
+    read for at most `_ERROR_BODY_TIMEOUT` (or the idle bound, when shorter): a stalled error body
+    must not hold up the failover."""
     data, complete = exchange.take_body()
     parts = [data]
     size = len(data)
     try:
-        while not complete and size <= MAX_ERROR_BODY:
-            piece = await exchange.read()
-            if not piece:
-                break
-            parts.append(piece)
-            size += len(piece)
+        with anyio.move_on_after(_ERROR_BODY_TIMEOUT if idle is None else min(idle, _ERROR_BODY_TIMEOUT)):
+            while not complete and size <= MAX_ERROR_BODY:
+                piece = await exchange.read()
+                if not piece:
+                    break
+                parts.append(piece)
+                size += len(piece)
     except ProxyError:
         pass
     if not exchange.complete:

@@ -71,7 +71,7 @@ class MeteredSink:
         if meter is None:  # no response head went out (refused, failed before the upstream answered)
             return None
         usage = meter.finish()
-        if meter.gave_up is not None:
+        if meter.gave_up is not None and usage is None:
             log.info("response usage not read; nothing charged", route=self._route, reason=meter.gave_up)
         if usage is None or usage.total_tokens <= 0:
             return usage

@@ -82,11 +82,12 @@ class _StreamTranslator:
             events = self._parser.feed(chunk)
         except SseTooLarge:
             return self._fail(TOO_LARGE_MESSAGE)
-        if len(events) == 1:  # the usual case: the network delivers events one by one
-            return self._event(events[0])
         out = []
         for event in events:
-            out.append(self._event(event))
+            try:
+                out.append(self._event(event))
+            except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+                out.append(self._fail("the provider sent an event the gateway cannot read"))
             if self.ended:
                 break
         return b"".join(out)

@@ -132,9 +132,10 @@ def estimate_input_tokens(api: ApiFormat, body: Mapping[str, Any]) -> int:
             continue
         total += MESSAGE_OVERHEAD
         total += sum(estimate_tokens(text) for text in _content_text(message.get("content")))
-        for call in message.get("tool_calls") or ():
-            if isinstance(call, Mapping):
-                function = call.get("function") or {}
+        calls = message.get("tool_calls")
+        for call in calls if isinstance(calls, list) else ():
+            function = call.get("function") if isinstance(call, Mapping) else None
+            if isinstance(function, Mapping):
                 total += estimate_tokens(str(function.get("name", ""))) + estimate_tokens(
                     str(function.get("arguments", ""))
                 )
@@ -174,7 +175,8 @@ class OutputTokenEstimate:
                     value = message.get(key)
                     if isinstance(value, str):
                         feed(value)
-                for call in message.get("tool_calls") or ():
+                calls = message.get("tool_calls")
+                for call in calls if isinstance(calls, list) else ():
                     function = call.get("function") if isinstance(call, Mapping) else None
                     if isinstance(function, Mapping):
                         for key in ("name", "arguments"):

@@ -415,12 +415,21 @@ def _arguments(value: Any) -> str:
     return json.dumps(value if value is not None else {}, separators=(",", ":"), ensure_ascii=False)
 
 
+def _tokens(value: Any) -> int:
+    """A provider's token count as a JSON integer (a string, a float like 1e400, a bool: 0)."""
+    if type(value) is int:
+        return max(value, 0)
+    if type(value) is float and value.is_integer():
+        return max(int(value), 0)
+    return 0
+
+
 def openai_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
     """Anthropic usage -> OpenAI usage: cache reads and writes are prompt tokens there."""
-    cache_read = usage.get("cache_read_input_tokens") or 0
-    cache_write = usage.get("cache_creation_input_tokens") or 0
-    prompt = (usage.get("input_tokens") or 0) + cache_read + cache_write
-    completion = usage.get("output_tokens") or 0
+    cache_read = _tokens(usage.get("cache_read_input_tokens"))
+    cache_write = _tokens(usage.get("cache_creation_input_tokens"))
+    prompt = _tokens(usage.get("input_tokens")) + cache_read + cache_write
+    completion = _tokens(usage.get("output_tokens"))
     return {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
@@ -575,8 +584,10 @@ def _openai_tool(tool: Any, where: str) -> dict[str, Any]:
 
 def openai_to_anthropic_response(completion: Mapping[str, Any]) -> dict[str, Any]:
     """An Anthropic message for an OpenAI chat completion (its first choice; model and id kept)."""
-    choices = completion.get("choices") or [{}]
-    choice = choices[0] if isinstance(choices[0], Mapping) else {}
+    choices = completion.get("choices")
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], Mapping):
+        raise TypeError("an OpenAI chat completion has a list of choices")  # not an answer: 502
+    choice = choices[0]
     reply = choice.get("message") or {}
     content: list[dict[str, Any]] = []
     text = reply.get("content") or reply.get("refusal")
@@ -619,12 +630,12 @@ def tool_input(arguments: Any) -> dict[str, Any]:
 
 def anthropic_usage(usage: Mapping[str, Any]) -> dict[str, Any]:
     """OpenAI usage -> Anthropic usage: cached prompt tokens are reported apart from input there."""
-    prompt = usage.get("prompt_tokens") or 0
+    prompt = _tokens(usage.get("prompt_tokens"))
     details = usage.get("prompt_tokens_details")
-    cached = (details.get("cached_tokens") or 0) if isinstance(details, Mapping) else 0
+    cached = _tokens(details.get("cached_tokens")) if isinstance(details, Mapping) else 0
     return {
         "input_tokens": max(prompt - cached, 0),
-        "output_tokens": usage.get("completion_tokens") or 0,
+        "output_tokens": _tokens(usage.get("completion_tokens")),
         "cache_read_input_tokens": cached,
         "cache_creation_input_tokens": 0,
     }

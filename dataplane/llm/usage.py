@@ -11,7 +11,8 @@ What is understood:
   completion), the OpenAI Responses API (``usage.input_tokens``, ``output_tokens``,
   ``total_tokens``), Anthropic messages (``usage.input_tokens``, ``output_tokens``,
   ``cache_creation_input_tokens``, ``cache_read_input_tokens``). A copy of at most ``cap`` bytes is
-  kept and parsed at the end; a larger body gives up (``gave_up`` says so) and reports nothing.
+  kept and parsed at the end; past it (``gave_up`` says so) only the last 64 KiB are kept, and a
+  top-level ``usage`` found there is read (the providers put it last: a large embeddings batch).
 - Event streams (``text/event-stream``), parsed event by event with a line buffer bounded by
   ``cap``: OpenAI chat chunks (the last one before ``data: [DONE]`` carries the usage when the
   request set ``stream_options.include_usage``), Anthropic events (``message_start`` carries
@@ -37,11 +38,14 @@ from typing import Any, Final
 
 # Bytes of a JSON body (or of one event-stream line or event) kept at most: past it, no usage.
 JSON_CAP: Final = 4 * 1024 * 1024
+# Past the cap, the last bytes of a JSON body are kept: the providers put `usage` at the end.
+_JSON_TAIL: Final = 64 * 1024
 # A count above this is no real usage (and would overflow Redis' 64-bit counters once added up).
 MAX_TOKEN_COUNT: Final = 1 << 53
 _USAGE_KEY: Final = b'"usage"'
 _NULL_USAGE: Final = (b'"usage":null', b'"usage": null')  # every OpenAI chunk but the last one
 _DONE: Final = b"[DONE]"
+_MESSAGE_STOP: Final = b'"message_stop"'  # Anthropic's last event (its type)
 _WHITESPACE: Final = b" \t\r\n"
 _DECODER: Final = json.JSONDecoder()
 _UNKNOWN: Final = object()
@@ -144,6 +148,11 @@ def _count(value: object) -> int | None:
     return None
 
 
+def _is_message_stop(document: object) -> bool:
+    """Anthropic's last event: the answer is whole."""
+    return isinstance(document, dict) and document.get("type") == "message_stop"
+
+
 def usage_object(document: object) -> Mapping[str, Any] | None:
     """The ``usage`` object of a parsed body or event: top-level (OpenAI, Anthropic message and
     ``message_delta``), under ``message`` (Anthropic ``message_start``) or under ``response``
@@ -226,6 +235,7 @@ class UsageMeter:
         "_event_broken",
         "_line",
         "_observer",
+        "_tail",
         "done",
         "gave_up",
         "kind",
@@ -249,6 +259,7 @@ class UsageMeter:
         self._counts = _Counts()
         # JSON: the copy of the body (None once it outgrew the cap).
         self._body: bytearray | None = bytearray() if kind is BodyKind.JSON else None
+        self._tail = b""  # JSON past the cap: its last _JSON_TAIL bytes
         # Event stream: the unterminated line, the current event's data lines, and the state of both.
         self._line = bytearray()
         self._after_cr = False  # the last chunk ended in CR: a LF opening the next one is the same break
@@ -276,11 +287,13 @@ class UsageMeter:
             self._feed_events(data)
         elif kind is BodyKind.JSON:
             body = self._body
-            if body is None:
+            if body is None:  # past the cap: only the tail is kept
+                self._tail = (self._tail + data)[-_JSON_TAIL:]
                 return
             if len(body) + len(data) > self._cap:
+                self._tail = (bytes(body[-_JSON_TAIL:]) + data)[-_JSON_TAIL:]
                 self._body = None
-                self.gave_up = f"JSON body larger than {self._cap} bytes is not read for usage"
+                self.gave_up = f"JSON body larger than {self._cap} bytes: no usage in its last {_JSON_TAIL} bytes"
                 return
             body += data
 
@@ -291,6 +304,11 @@ class UsageMeter:
             body = self._body
             self._body = None
             usage = json_body_usage(body) if body is not None else None
+            if body is None and self._tail:
+                at = self._tail.rfind(_USAGE_KEY)
+                found = _tail_usage(self._tail, at) if at >= 0 else None
+                usage = found if isinstance(found, dict) else None
+                self._tail = b""
             if usage is None and body is not None and self._observer is not None:
                 self._observer(_parse(body))
             if usage is not None:
@@ -391,7 +409,7 @@ class UsageMeter:
             return
         payload = data[0] if len(data) == 1 else b"\n".join(data)
         if _USAGE_KEY not in payload:
-            if payload.strip() == _DONE:
+            if payload.strip() == _DONE or (_MESSAGE_STOP in payload and _is_message_stop(_parse(payload))):
                 self.done = True
             elif self._observer is not None:
                 self._observer(_parse(payload))

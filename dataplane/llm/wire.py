@@ -195,20 +195,21 @@ def sse_named(name: str, document: Any) -> bytes:
 
 
 OPENAI_DONE: Final = b"data: [DONE]\n\n"
-_EMPTY_CHOICES: Final = b'"choices":[]'
+_USAGE_OBJECT: Final = (b'"usage":{', b'"usage": {')  # every other chunk has "usage":null
 
 
 def drop_usage_chunks(events: bytes) -> bytes:
     """Whole OpenAI stream events without the usage-only chunk (no choices, a usage object): the
     one the gateway asked the provider for on behalf of a client that did not ask for it. Other
     chunks without choices (Azure's prompt_filter_results) stay."""
-    if _EMPTY_CHOICES not in events:
+    if _USAGE_OBJECT[0] not in events and _USAGE_OBJECT[1] not in events:
         return events
     kept = []
     for event in events.replace(b"\r\n", b"\n").split(b"\n\n"):
-        if _EMPTY_CHOICES in event and event.startswith(b"data:"):
+        line = event.lstrip(b"\n")
+        if line.startswith(b"data:") and (_USAGE_OBJECT[0] in line or _USAGE_OBJECT[1] in line):
             try:
-                document = json.loads(event[5:])
+                document = json.loads(line[5:])
             except ValueError:
                 document = None
             if isinstance(document, dict) and document.get("choices") == [] and isinstance(document.get("usage"), dict):

@@ -216,7 +216,14 @@ async def test_refusals_in_the_clients_format() -> None:
                 bad = await http.post(f"{base}/v1/chat/completions", content=b"{not json")
                 bad_anthropic = await http.post(f"{base}/v1/messages", content=b"[1,")
                 no_model = await http.post(f"{base}/v1/chat/completions", json={"messages": MESSAGES})
+                not_json = [  # Python's parser takes these; JSON has no such values
+                    await http.post(f"{base}/v1/chat/completions", content=b'{"model":"gpt-4o","temperature":' + v)
+                    for v in (b"NaN}", b"Infinity}", b"1e400}")
+                ]
+                nested = await http.post(f"{base}/v1/chat/completions", content=b"[" * 100_000)
     assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
+    assert [(r.status_code, r.json()["error"]["code"]) for r in not_json] == [(400, "invalid_json")] * 3
+    assert nested.status_code == 400 and nested.json()["error"]["code"] == "invalid_json"
     assert bad_anthropic.status_code == 400 and bad_anthropic.json()["type"] == "error"
     assert no_model.status_code == 400 and no_model.json()["error"]["param"] == "model"
     assert peer.requests == []

@@ -286,3 +286,22 @@ async def test_a_translated_stream_hands_its_provider_connection_back() -> None:
                     assert text.startswith("echo:")
                 (pool,) = [pool for pool in server.pools.pools() if "#llm/" in pool.cluster.name]
                 assert pool.connection_count == 1
+
+
+async def test_a_request_one_provider_cannot_carry_goes_to_the_next_that_can() -> None:
+    """`n: 2` has no Anthropic form: the failover list moves on to the OpenAI provider (the
+    Anthropic one is not charged a failure); with no such provider the client gets the 400."""
+    with anyio.fail_after(WITHIN):
+        async with serve_anthropic("ka") as claude, serve_openai("ko") as gpt:
+            an = provider("an", pb.LlmProvider.TYPE_ANTHROPIC, claude.port, "ka", priority=0)
+            oa = provider("oa", pb.LlmProvider.TYPE_OPENAI, gpt.port, "ko", priority=1)
+            async with gateway(an, oa) as (base, server):
+                gpt.script(Reply(text="two answers"))
+                answer = await openai_client(base).chat.completions.create(model="m", messages=MESSAGES, n=2)
+                health = server._handler.llm.health(LLM)
+            async with gateway(an) as (base, _):
+                with pytest.raises(openai.BadRequestError) as refused:
+                    await openai_client(base).chat.completions.create(model="m", messages=MESSAGES, n=2)
+    assert answer.choices[0].message.content == "two answers"
+    assert not claude.requests and len(gpt.requests) == 1 and health.failures("an") == 0
+    assert "only one choice can be asked of an Anthropic model" in refused.value.message

@@ -405,6 +405,8 @@ def test_only_the_usage_only_chunk_is_dropped_for_a_client_that_did_not_ask() ->
     done = b"data: [DONE]\n\n"
     assert drop_usage_chunks(azure_filter + text + usage + done) == azure_filter + text + done
     assert drop_usage_chunks(usage) == b""
+    spaced = b'data: {"choices": [], "usage": {"total_tokens": 2}}\n\n'  # any JSON spacing
+    assert drop_usage_chunks(text + b"\n" + spaced + done) == text + done
     assert drop_usage_chunks(text) == text  # nothing to drop: the bytes as they came
     crlf = (text + usage + done).replace(b"\n", b"\r\n")
     assert events_of(drop_usage_chunks(crlf)) == events_of(text + done)

@@ -239,14 +239,23 @@ def test_a_json_body_without_usage_or_cut_short_reports_none() -> None:
     assert metered(JSON_HEADERS, []).finish() is None  # HEAD, 204: no body at all
 
 
-def test_an_oversized_json_body_gives_up_and_says_why() -> None:
+def test_an_oversized_json_body_is_read_from_its_tail_or_gives_up_and_says_why() -> None:
+    """Past the cap only the last 64 KiB are kept: the providers put usage at the end (a large
+    embeddings batch), so it is still read there; usage before the tail is not."""
     body = json.dumps(OPENAI_CHAT).encode()
     meter = metered(
         [(b"content-type", b"application/json; charset=utf-8")], [body[:300], body[300:]], cap=len(body) - 1
     )
-    assert meter.finish() is None
+    assert meter.finish() == TokenUsage(19, 10, 29)
     assert meter.gave_up is not None and "larger than" in meter.gave_up
-    # At the cap exactly it is read.
+    vectors = [{"object": "embedding", "index": i, "embedding": [0.125] * 1536} for i in range(40)]
+    usage = {"prompt_tokens": 5000, "total_tokens": 5000}
+    at_end = json.dumps({"object": "list", "data": vectors, "model": "e", "usage": usage}).encode()
+    at_start = json.dumps({"usage": usage, "object": "list", "data": vectors, "model": "e"}).encode()
+    pieces = [at_end[i : i + 65536] for i in range(0, len(at_end), 65536)]
+    assert metered(JSON_HEADERS, pieces, cap=100_000).finish() == TokenUsage(5000, 0, 5000)
+    late = metered(JSON_HEADERS, [at_start], cap=100_000)
+    assert late.finish() is None and late.gave_up is not None
     assert metered(JSON_HEADERS, [body], cap=len(body)).finish() == TokenUsage(19, 10, 29)
 
 
