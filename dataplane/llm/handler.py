@@ -459,7 +459,7 @@ class LlmHandler:
                 exchange.abort()
             if usage is None and relay.seen is not None:
                 usage = relay.seen()  # cancelled mid-way: what the provider reported so far
-            if usage is None and relay.answered:
+            if usage is None:
                 usage = _estimate(api, operation, body, relay.estimate)
                 record.llm_usage_estimated = usage is not None
             with anyio.CancelScope(shield=True):
@@ -591,10 +591,10 @@ async def _end_on_timeout(sink: ResponseSink, api: ApiFormat, progress: _Progres
 
 class _Relay:
     """A provider's success answer sent on to the client: passed through or translated, streams
-    event by event. `first` is the time to the first body piece; `answered` says whether the
-    client got an answer (not a gateway error); `estimate` sees the answer's documents."""
+    event by event. `first` is the time to the first body piece; `estimate` sees the answer's
+    documents; `seen` gives the usage read so far (for an answer cut short by cancellation)."""
 
-    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "answered", "estimate", "first", "seen")
+    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "estimate", "first", "seen")
 
     def __init__(
         self,
@@ -614,7 +614,6 @@ class _Relay:
         self._began = began
         self.estimate = estimate
         self.first: float | None = None
-        self.answered = True
         # The usage the answer reported so far, for a relay cancelled mid-way (client gone, deadline).
         self.seen: Callable[[], TokenUsage | None] | None = None
 
@@ -676,34 +675,36 @@ class _Relay:
         return meter.finish()
 
     async def _translated_whole(self) -> TokenUsage | None:
-        """A whole answer in the other API: read (up to MAX_TRANSLATED_ANSWER), then reshaped."""
+        """A whole answer in the other API: read (up to MAX_TRANSLATED_ANSWER), then reshaped. An
+        answer too large or cut off is a 502, yet the usage it carried (or an estimate) is charged:
+        the provider spent those tokens."""
         api = self._api
+        observer = self.estimate.observe if self.estimate is not None else None
+        meter = UsageMeter(BodyKind.JSON, observer=observer)
+        self.seen = meter.finish
         data, complete = self._exchange.take_body()
+        meter.feed(data)
         chunks = [data]
         size = len(data)
         while True:
             if size > MAX_TRANSLATED_ANSWER:
-                self.answered = False
                 message = f"the provider's answer is larger than {MAX_TRANSLATED_ANSWER} bytes, too large to translate"
                 await _answer(self._sink, gateway_error(api, 502, message))
-                return None
+                return meter.finish()
             if complete:
                 break
             try:
                 piece = await self._read()
             except (ProxyError, TimeoutError):
-                self.answered = False
                 await _answer(self._sink, gateway_error(api, 502, "the provider's answer was cut off"))
-                return None
+                return meter.finish()
             if not piece:
                 break
+            meter.feed(piece)
             size += len(piece)
             chunks.append(piece)
         self._mark_first()
         raw = b"".join(chunks)
-        observer = self.estimate.observe if self.estimate is not None else None
-        meter = UsageMeter(BodyKind.JSON, observer=observer)
-        meter.feed(raw)
         usage = meter.finish()
         try:
             document = json.loads(raw)

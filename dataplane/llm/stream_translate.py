@@ -78,10 +78,11 @@ class _StreamTranslator:
         """Translate the next piece of the upstream body; returns what to send the client now."""
         if self.ended:
             return b""
+        too_large = False
         try:
             events = self._parser.feed(chunk)
-        except SseTooLarge:
-            return self._fail(TOO_LARGE_MESSAGE)
+        except SseTooLarge as exc:
+            events, too_large = exc.events, True  # the events before it still count
         out = []
         for event in events:
             try:
@@ -90,6 +91,8 @@ class _StreamTranslator:
                 out.append(self._fail("the provider sent an event the gateway cannot read"))
             if self.ended:
                 break
+        if too_large and not self.ended:
+            out.append(self._fail(TOO_LARGE_MESSAGE))
         return b"".join(out)
 
     def close(self) -> bytes:

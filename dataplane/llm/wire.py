@@ -32,7 +32,12 @@ class SseEvent:
 
 
 class SseTooLarge(ValueError):
-    """An event grew past the parser's cap: the stream cannot be followed any further."""
+    """An event grew past the parser's cap: the stream cannot be followed any further. `events`
+    are the ones the same chunk completed before it (they still count: usage, text)."""
+
+    def __init__(self, message: str, events: list[SseEvent] | None = None) -> None:
+        super().__init__(message)
+        self.events: list[SseEvent] = events if events is not None else []
 
 
 class SseParser:
@@ -84,7 +89,7 @@ class SseParser:
         event = self._event
         for line in lines:
             if size + len(line) > cap:
-                self._too_large(size + len(line), data, event, held)
+                self._too_large(size + len(line), data, event, held, events)
             held = b""
             if not line:
                 if data or event:
@@ -109,20 +114,32 @@ class SseParser:
         self._event = event
         self._size = size
         if tail:
-            self._grow(tail)
+            try:
+                self._grow(tail)
+            except SseTooLarge as exc:
+                exc.events = events
+                raise
         return events
 
-    def _too_large(self, size: int, data: list[str], event: str, held: bytes) -> NoReturn:
+    def _too_large(self, size: int, data: list[str], event: str, held: bytes, events: list[SseEvent]) -> NoReturn:
         """Raise SseTooLarge, leaving the state as the line-by-line scanner leaves it."""
         self._data = data
         self._event = event
         self._size = size
         self._line += held
-        raise SseTooLarge(f"an event larger than {self._cap} bytes")
+        raise SseTooLarge(f"an event larger than {self._cap} bytes", events)
 
     def _feed_lines(self, chunk: bytes, pos: int) -> list[SseEvent]:
         """`feed` for chunks holding a CR (CR or CRLF line ends): line by line."""
         events: list[SseEvent] = []
+        try:
+            self._scan_lines(chunk, pos, events)
+        except SseTooLarge as exc:
+            exc.events = events
+            raise
+        return events
+
+    def _scan_lines(self, chunk: bytes, pos: int, events: list[SseEvent]) -> None:
         size = len(chunk)
         while pos < size:
             lf = chunk.find(b"\n", pos)
@@ -144,7 +161,6 @@ class SseParser:
             event = self._line_done(line)
             if event is not None:
                 events.append(event)
-        return events
 
     def _grow(self, piece: bytes) -> None:
         self._size += len(piece)

@@ -18,6 +18,7 @@ import openai
 import pytest
 
 from dataplane.llm.errors import stream_error_event
+from dataplane.llm.handler import MAX_TRANSLATED_ANSWER
 from dataplane.llm.wire import ApiFormat
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from tests.dataplane.llm.test_gateway import MESSAGES, anthropic_client, gateway, openai_client, provider
@@ -323,3 +324,29 @@ async def test_infinite_usage_becomes_valid_json(kind: int, document: bytes, exp
     usage = json.loads(answer.content, parse_constant=_no_constants)["usage"]
     assert answer.status_code == 200
     assert {name: usage[name] for name in expected} == expected
+
+
+@pytest.mark.parametrize("failure", ["cut", "too large"])
+async def test_a_translated_answer_that_cannot_be_delivered_is_still_charged(failure: str) -> None:
+    """The client gets a 502, yet the provider spent the tokens: a cut answer is charged the
+    estimate, one too large to translate the usage it carries at its end."""
+    usage = b',"usage":{"input_tokens":700,"output_tokens":300}}'
+    if failure == "cut":
+        answer, then = head(200, "application/json", length=4000) + b'{"id":"msg_1","content":[', "close"
+    else:
+        text = b"x" * (MAX_TRANSLATED_ANSWER + 1)
+        document = b'{"id":"msg_1","type":"message","content":[{"type":"text","text":"' + text + b'"}]' + usage
+        answer, then = whole(document), "keep"
+    with anyio.fail_after(WITHIN):
+        async with raw_behind_gateway(ANTHROPIC, policies=(budget_policy(),)) as (peer, base, server):
+            peer.script(answer, then=then)
+            client = openai_client(base, key=token(sub="alice").decode())
+            with pytest.raises(openai.APIStatusError) as failed:
+                await client.chat.completions.create(model="claude-x", messages=MESSAGES)
+            await client.models.list()  # same connection: the charge above has been made
+            charged = 10_000 - remaining(server)
+    assert failed.value.status_code == 502
+    if failure == "cut":
+        assert "cut off" in failed.value.message and 0 < charged < 50  # an estimate of the input
+    else:
+        assert "too large to translate" in failed.value.message and charged == 1000

@@ -255,6 +255,12 @@ def test_an_event_past_the_cap_ends_the_stream() -> None:
     output = translator.feed(b"event: content_block_delta\ndata: " + b"x" * 100)
     assert json.loads(events_of(output)[0][1])["error"]["message"].startswith("the provider sent an event larger")
     assert translator.ended and translator.close() == b""
+    # The events the same chunk completed before the oversized one still count (here, the usage).
+    start = anthropic_stream().split(b"\r\n\r\n")[0] + b"\r\n\r\n"  # message_start: 25 in + 5 cached
+    translator = AnthropicToOpenAIStream(created=1, include_usage=True, cap=1024)
+    output = translator.feed(start + b"event: content_block_delta\ndata: " + b"x" * 2000)
+    assert [json.loads(data).get("error") is not None for _, data in events_of(output)] == [False, True]
+    assert translator.usage() is not None and translator.usage().input_tokens == 30  # type: ignore[union-attr]
 
 
 # --------------------------------------------------------------------- OpenAI -> Anthropic
@@ -343,6 +349,10 @@ def test_parser_cap_bounds_one_event() -> None:
     assert parser.feed(b"data: 1234\n") == []
     with pytest.raises(SseTooLarge):
         parser.feed(b"data: 12345678\n")
+    for end in (b"\n", b"\r\n"):  # the events a chunk completed before the overflow are kept
+        with pytest.raises(SseTooLarge) as overflow:
+            SseParser(cap=10).feed(b"data: a" + end + end + b"data: 0123456789" + end)
+        assert [(e.event, e.data) for e in overflow.value.events] == [("", "a")]
 
 
 def _parse_pieces(pieces: list[bytes], cap: int) -> list[tuple[str, str] | str]:
@@ -351,7 +361,8 @@ def _parse_pieces(pieces: list[bytes], cap: int) -> list[tuple[str, str] | str]:
     for piece in pieces:
         try:
             seen.extend((e.event, e.data) for e in parser.feed(piece))
-        except SseTooLarge:
+        except SseTooLarge as exc:
+            seen.extend((e.event, e.data) for e in exc.events)  # completed before it, in the same chunk
             seen.append("too large")
             break
     return seen
