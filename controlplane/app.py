@@ -123,7 +123,15 @@ class ControlPlane:
         errors = [str(error) for error in state.errors]
         for error in errors:
             log.warning("config error", error=error)
-        result = translate(state.objects)
+        try:
+            result = translate(state.objects)
+        except Exception as exc:  # a translator bug must not stop serving: the last snapshots stay
+            log.exception("translation failed; the previous snapshots are kept")
+            self.errors = (*errors, f"translation failed, previous snapshots kept: {type(exc).__name__}: {exc}")
+            report = ReconcileReport((), self.errors, 0)
+            for callback in self._listeners:
+                callback(report)
+            return report
         self._translated = result.snapshots
         self.keys.update(result.snapshots)
         published = self._publish(errors)

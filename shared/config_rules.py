@@ -47,3 +47,25 @@ LLM_PROVIDER_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9_-]{0,61}[A-Za-z0-9])?"
 # "meta-llama/Llama-3.1-8B-Instruct", "llama3:8b"): printable ASCII without spaces or quotes.
 LLM_MODEL_NAME = re.compile(r"[A-Za-z0-9._:/@+-]{1,256}")
 LLM_AZURE_API_VERSION = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}(?:-[a-z]+)?")
+
+
+# --- paths --------------------------------------------------------------------------------------
+
+# Characters allowed in a path value (RFC 3986 pchar and '/'; anything else percent-encoded).
+PATH_VALUE = re.compile(r"(?:[-A-Za-z0-9/._~!$&'()*+,;=:@]|%[0-9a-fA-F]{2})+")
+
+
+def path_problem(value: str) -> str | None:
+    """None for an absolute path as Gateway API takes Exact and PathPrefix values (and a provider's
+    base path): no empty, '.' or '..' segment, no encoded '/', only characters a request line
+    carries as they are; else what is wrong."""
+    if not value.startswith("/"):
+        return "must be an absolute path starting with '/'"
+    for bad in ("//", "/./", "/../", "%2f", "%2F", "#"):
+        if bad in value:
+            return f"must not contain {bad!r}"
+    if value.endswith(("/..", "/.")):
+        return "must not end with '/..' or '/.'"
+    if not PATH_VALUE.fullmatch(value):
+        return "contains characters that are not allowed in a path (percent-encode them)"
+    return None

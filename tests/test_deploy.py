@@ -622,6 +622,7 @@ INVALID = {
     "llm credentials in baseUrl": _backend(llm={"providers": [{**OPENAI, "baseUrl": "https://u:p@api.example.com"}]}),
     "llm baseUrl with //": _backend(llm={"providers": [{**OPENAI, "baseUrl": "https://api.example.com//v1"}]}),
     "llm tls over http": _backend(llm={"providers": [{**OPENAI, "baseUrl": "http://api.example.com", "tls": {}}]}),
+    "llm tls over HTTP": _backend(llm={"providers": [{**OPENAI, "baseUrl": "HTTP://api.example.com", "tls": {}}]}),
     "llm model name": _backend(llm={"providers": [{**OPENAI, "models": ["gpt 4o"]}]}),
     "llm model twice": _backend(llm={"providers": [{**OPENAI, "models": ["gpt-4o", "gpt-4o"]}]}),
     "llm managed header": _backend(llm={"providers": [{**OPENAI, "headers": [{"name": "X-Api-Key", "value": "k"}]}]}),

@@ -235,7 +235,7 @@ def object_from_manifest(doc: Any, source: SourceRef | None = None) -> tuple[Kub
         if not isinstance(raw_spec, Mapping):
             errors.append(error("spec", "must be a mapping"))
         else:
-            spec = raw_spec
+            spec = without_nulls(raw_spec)
     if errors:
         return None, errors
     obj = KubeObject(
@@ -254,6 +254,17 @@ def object_from_manifest(doc: Any, source: SourceRef | None = None) -> tuple[Kub
         source=source,
     )
     return obj, []
+
+
+def without_nulls(value: Any) -> Any:
+    """`value` with every null-valued field of its mappings left out, at any depth: the API server
+    prunes them from custom resources (no field of ours is nullable), so a folder's `key:` with no
+    value means what it means in a cluster, an absent field."""
+    if isinstance(value, Mapping):
+        return {key: without_nulls(item) for key, item in value.items() if item is not None}
+    if isinstance(value, list):
+        return [without_nulls(item) for item in value]
+    return value
 
 
 ErrorAt = Callable[[str, str], ConfigError]

@@ -27,7 +27,6 @@ from controlplane.model.formats import (
     KIND,
     LABEL_KEY,
     LABEL_VALUE,
-    PATH_VALUE,
     hostname_problem,
     is_ip_address,
 )
@@ -54,6 +53,7 @@ from shared.config_rules import (
     LLM_MANAGED_HEADERS,
     LLM_MODEL_NAME,
     LLM_PROVIDER_NAME,
+    path_problem,
 )
 from shared.mcp_names import target_name_problem
 from shared.origins import origin_problem
@@ -428,7 +428,7 @@ def _route_match(c: _Checker, match: Mapping[str, Any], path: str) -> None:
         if value is not None and kind == "RegularExpression":
             c.regex(value, f"{path}.path.value")
         elif value is not None and kind is not None:
-            problem = _path_problem(value)
+            problem = path_problem(value)
             if problem:
                 c.error(f"{path}.path.value", problem)
     names: set[str] = set()
@@ -454,20 +454,6 @@ def _route_match(c: _Checker, match: Mapping[str, Any], path: str) -> None:
         if value is not None and kind == "RegularExpression":
             c.regex(value, f"{param_path}.value")
     c.string(match.get("method"), f"{path}.method", enum=sorted(HTTP_METHODS))
-
-
-def _path_problem(value: str) -> str | None:
-    """Gateway API's rules for Exact and PathPrefix values."""
-    if not value.startswith("/"):
-        return "must be an absolute path starting with '/'"
-    for bad in ("//", "/./", "/../", "%2f", "%2F", "#"):
-        if bad in value:
-            return f"must not contain {bad!r}"
-    if value.endswith(("/..", "/.")):
-        return "must not end with '/..' or '/.'"
-    if not PATH_VALUE.fullmatch(value):
-        return "contains characters that are not allowed in a path (percent-encode them)"
-    return None
 
 
 def _route_filters(
@@ -784,7 +770,7 @@ def _mcp_static(c: _Checker, static: Mapping[str, Any], path: str) -> None:
     _static_host(c, static, path)
     target_path = c.string(static.get("path"), f"{path}.path", min_length=1, max_length=1024)
     if target_path is not None:
-        problem = _path_problem(target_path)
+        problem = path_problem(target_path)
         if problem is not None:
             c.error(f"{path}.path", problem)
     tls = c.mapping(static.get("tls"), f"{path}.tls")
@@ -849,7 +835,7 @@ def _a2a_backend(c: _Checker, value: Any, path: str) -> None:
             c.port(ref.get("port"), f"{path}.serviceRef.port", required=True)
     base_path = c.string(a2a.get("basePath"), f"{path}.basePath", min_length=1, max_length=1024)
     if base_path is not None:
-        problem = _path_problem(base_path)
+        problem = path_problem(base_path)
         if problem is not None:
             c.error(f"{path}.basePath", problem)
     agent_name = c.string(a2a.get("agentName"), f"{path}.agentName", min_length=1, max_length=A2A_AGENT_NAME_MAX_LENGTH)
@@ -954,13 +940,13 @@ def _llm_provider(c: _Checker, provider: Mapping[str, Any], path: str) -> str | 
         problem = None if url is None else base_url_problem(url)
         if problem is not None:
             c.error(f"{path}.baseUrl", problem)
-        elif url is not None and url.startswith("http://") and "tls" in provider:
+        elif url is not None and urlsplit(url).scheme == "http" and "tls" in provider:
             c.error(f"{path}.tls", "an http:// baseUrl is cleartext: use https:// for TLS")
     elif "host" in provider:
         _static_host(c, provider, path)
         provider_path = c.string(provider.get("path"), f"{path}.path", max_length=1024)
         if provider_path:
-            problem = _path_problem(provider_path)
+            problem = path_problem(provider_path)
             if problem is not None:
                 c.error(f"{path}.path", problem)
     else:
@@ -1045,7 +1031,7 @@ def base_url_problem(url: str) -> str | None:
     if port == 0:
         return f"invalid base URL {url!r}: port 0"
     if parsed.path and parsed.path != "/":
-        problem = _path_problem(parsed.path)
+        problem = path_problem(parsed.path)
         if problem is not None:
             return f"invalid base URL path {parsed.path!r}: {problem}"
     return None

@@ -26,12 +26,17 @@ from dataplane.config.validate import (
     check_enum,
     check_header_name,
     check_header_value,
-    check_path,
     duration_seconds,
     is_valid_host,
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
-from shared.config_rules import LLM_AZURE_API_VERSION, LLM_MANAGED_HEADERS, LLM_MODEL_NAME, LLM_PROVIDER_NAME
+from shared.config_rules import (
+    LLM_AZURE_API_VERSION,
+    LLM_MANAGED_HEADERS,
+    LLM_MODEL_NAME,
+    LLM_PROVIDER_NAME,
+    path_problem,
+)
 
 __all__ = ["MODEL_NAME", "PROVIDER_NAME", "compile_llm_settings"]
 
@@ -166,7 +171,8 @@ def _provider(
         report(f"{where}.address.port", f"{port} is not a port (1..65535)")
         ok = False
     base_path = provider.base_path.rstrip("/")
-    if base_path and not check_path(report, f"{where}.base_path", base_path):
+    if base_path and (problem := path_problem(base_path)) is not None:
+        report(f"{where}.base_path", f"invalid base path {base_path!r}: {problem}")
         ok = False
     ssl_context = None
     server_name = None

@@ -31,8 +31,9 @@ if str(ROOT) not in sys.path:
 
 from controlplane.model import policy as policy_model  # noqa: E402
 from controlplane.model import validation as backend_model  # noqa: E402
-from controlplane.model.formats import DATA_KEY, DNS_LABEL, DNS_SUBDOMAIN, HEADER_NAME, PATH_VALUE  # noqa: E402
+from controlplane.model.formats import DATA_KEY, DNS_LABEL, DNS_SUBDOMAIN, HEADER_NAME  # noqa: E402
 from controlplane.model.objects import AGENTGATE_GROUP, BACKEND, GATEWAY, GATEWAY_GROUP, HTTP_ROUTE  # noqa: E402
+from shared.config_rules import PATH_VALUE  # noqa: E402
 
 Schema = dict[str, Any]
 HERE = Path(__file__).resolve().parent
@@ -462,7 +463,7 @@ def llm_backend() -> Schema:
                 "message": f"baseUrl (or host and port) is required for type {' and '.join(needs_address)}",
             },
             {
-                "rule": "!(has(self.tls) && has(self.baseUrl) && self.baseUrl.startsWith('http://'))",
+                "rule": "!(has(self.tls) && has(self.baseUrl) && self.baseUrl.matches('^(?i)http://'))",
                 "message": "an http:// baseUrl is cleartext: use https:// for TLS",
             },
             {

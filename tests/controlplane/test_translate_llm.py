@@ -125,6 +125,11 @@ def test_valid_specs_have_no_errors() -> None:
             "cleartext",
         ),
         (
+            {"name": "x", "type": "openai", "apiKeyRef": KEY_REF, "baseUrl": "HTTP://h/v1", "tls": {}},
+            "spec.llm.providers[0].tls",
+            "cleartext",
+        ),
+        (
             {"name": "x", "type": "openai", "apiKeyRef": KEY_REF, "baseUrl": "https://h", "port": 1},
             "spec.llm.providers[0].port",
             "cannot be combined with baseUrl",
@@ -369,3 +374,54 @@ def test_backend_golden_compiles_to_the_settings_written() -> None:
         ("claude-proxy", "127.0.0.1:9300", "/anthropic", False),
     ]
     assert local.providers[2].anthropic_version == "2026-10-21"
+
+
+def test_fields_written_without_a_value_are_absent_as_in_a_cluster() -> None:
+    """`apiKeyRef:` or `priority:` with nothing after it is YAML null: the API server prunes it, so
+    the folder source does too (it used to reach the translator and stop the control plane)."""
+    from controlplane.sources.folder import _parse_file
+
+    text = b"""\
+apiVersion: agentgate.dev/v1alpha1
+kind: Backend
+metadata: {name: models, namespace: default}
+spec:
+  maxRequestBytes:
+  llm:
+    maxRequestBytes:
+    failover: {consecutiveFailures: , ejectFor: }
+    providers:
+    - name: local
+      type: openaiCompatible
+      baseUrl: http://vllm:8000/v1
+      priority:
+      apiKeyRef:
+      azure:
+"""
+    (document,) = _parse_file("llm.yaml", text).documents
+    assert document.obj is not None and validate(document.obj) == []
+    backend = backend_of(document.obj)
+    (local,) = backend.llm.providers
+    assert (local.address.host, local.priority, local.api_key) == ("vllm", 0, "")
+
+
+def test_a_translation_failure_keeps_the_published_snapshots(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A translator bug on one reconcile must not stop the control plane or withdraw config."""
+    import controlplane.app
+    from controlplane.app import ControlPlane, ControlPlaneSettings
+    from controlplane.sources.folder import FolderState
+
+    plane = ControlPlane(ControlPlaneSettings(metrics_port=-1))
+    state = FolderState((*route_to(OUR_REF), llm_backend(), keys()), ())
+    assert plane.reconcile(state).gateways == ("default/web",)
+    published = plane.cache.get_snapshot("default/web")
+
+    def broken(objects: object) -> None:
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(controlplane.app, "translate", broken)
+    report = plane.reconcile(state)
+    assert report.errors == (
+        "translation failed, previous snapshots kept: TypeError: 'NoneType' object is not subscriptable",
+    )
+    assert plane.cache.get_snapshot("default/web") is published and plane.errors == report.errors

@@ -157,7 +157,7 @@ def test_errors_name_resource_and_field() -> None:
         "llm.providers[1].type": "unknown Type value 99",
         "llm.providers[2].address.host": "invalid host ''",
         "llm.providers[2].address.port": "0 is not a port",
-        "llm.providers[3].base_path": "invalid path 'relative'",
+        "llm.providers[3].base_path": "invalid base path 'relative'",
         "llm.providers[3].api_key": "value not shown",
         "llm.providers[3].models[1]": "invalid model name 'not ok'",
         "llm.providers[4].headers[0].name": "set by the gateway",
@@ -186,3 +186,10 @@ def test_no_providers_and_bad_ejection() -> None:
 def test_targets_cannot_attach_to_an_llm_backend() -> None:
     target = pb.Target(name=f"{NAME}/h:1", backend=NAME, address=pb.SocketAddress(host="h", port=1))
     assert "its providers are in llm" in rejected(backend(), target)[("Target", f"{NAME}/h:1", "address")]
+
+
+@pytest.mark.parametrize("base_path", ["/v1/中", "/v1/../admin", "//evil", "/v1\x01", "/v1/a b", "/v1%2Fx"])
+def test_a_base_path_no_request_line_can_carry_is_refused(base_path: str) -> None:
+    """The control plane never sends these; a hand-written snapshot must not reach the wire."""
+    errors = rejected(pb.Backend(name=NAME, llm=pb.LlmBackend(providers=[provider("p", base_path=base_path)])))
+    assert "invalid base path" in errors.get(("Backend", NAME, "llm.providers[0].base_path"), ""), errors
