@@ -37,6 +37,7 @@ from controlplane.translate.conditions import (
     REASON_INVALID,
     REASON_INVALID_CA_CERTIFICATE_REF,
     REASON_INVALID_KIND,
+    REASON_NOT_ACCEPTED,
     REASON_NOT_REFERENCED,
     REASON_REF_NOT_PERMITTED,
     RefProblem,
@@ -61,14 +62,21 @@ class ResolvedBackend:
     targets: tuple[pb.Target, ...]
 
 
-def _attached(obj: KubeObject, users: Iterable[str]) -> dict[str, Any]:
+def _shown(names: Iterable[str]) -> str:
+    ordered = sorted(names)
+    more = len(ordered) - _USERS_SHOWN
+    return ", ".join(ordered[:_USERS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
+
+
+def _attached(obj: KubeObject, users: Iterable[str], refused: Iterable[str] = ()) -> dict[str, Any]:
     used = sorted(users)
+    if not used and (referrers := set(refused)):
+        message = f"referred to by {_shown(referrers)}, which cannot use it: it is not accepted"
+        return condition(ATTACHED, False, REASON_NOT_ACCEPTED, message, obj.generation)
     if not used:
         message = "no HTTPRoute attached to a Gateway of this controller uses this Backend"
         return condition(ATTACHED, False, REASON_NOT_REFERENCED, message, obj.generation)
-    more = len(used) - _USERS_SHOWN
-    shown = ", ".join(used[:_USERS_SHOWN]) + (f" (and {more} more)" if more > 0 else "")
-    return condition(ATTACHED, True, REASON_ATTACHED, f"used by {shown}", obj.generation)
+    return condition(ATTACHED, True, REASON_ATTACHED, f"used by {_shown(used)}", obj.generation)
 
 
 def duration_message(value: timedelta) -> Duration:
@@ -89,6 +97,8 @@ class BackendResolver:
         self._index = index
         self._services: dict[tuple[str, str, int], ResolvedBackend | RefProblem] = {}
         self._ours: dict[ObjectKey, ResolvedBackend | RefProblem] = {}
+        # Backends of ours that routes refer to but cannot use -> "HTTPRoute ns/name" (for Attached).
+        self._refused: dict[ObjectKey, set[str]] = {}
 
     def resolve(self, route: KubeObject, ref: Mapping[str, Any]) -> ResolvedBackend | RefProblem:
         group, kind = ref.get("group", CORE_GROUP), ref.get("kind", SERVICE)
@@ -122,10 +132,12 @@ class BackendResolver:
         if obj_key not in self._ours:
             obj = self._index.get(BACKEND, namespace, name)
             if obj is None:
+                self._refused.setdefault(obj_key, set()).add(f"HTTPRoute {route.namespace}/{route.name}")
                 return RefProblem(REASON_BACKEND_NOT_FOUND, self._index.problem(BACKEND, namespace, name))
             self._ours[obj_key] = self._our_backend(obj)
         resolved = self._ours[obj_key]
         if isinstance(resolved, RefProblem):
+            self._refused.setdefault(obj_key, set()).add(f"HTTPRoute {route.namespace}/{route.name}")
             return RefProblem(REASON_BACKEND_NOT_FOUND, f"Backend {namespace}/{name} is not usable: {resolved.message}")
         return resolved
 
@@ -141,10 +153,11 @@ class BackendResolver:
                 cond = condition(ACCEPTED, False, resolved.reason, resolved.message, obj.generation)
             else:
                 cond = condition(ACCEPTED, True, REASON_ACCEPTED, "Backend is accepted", obj.generation)
-            result.append((obj, {"conditions": [cond, _attached(obj, users.get(obj.ref, ()))]}))
+            refused = self._refused.get(obj.key, ())
+            result.append((obj, {"conditions": [cond, _attached(obj, users.get(obj.ref, ()), refused)]}))
         for obj, errors in self._index.invalid_of_kind(BACKEND):
             cond = condition(ACCEPTED, False, REASON_INVALID, describe_errors(errors), obj.generation)
-            result.append((obj, {"conditions": [cond, _attached(obj, ())]}))
+            result.append((obj, {"conditions": [cond, _attached(obj, (), self._refused.get(obj.key, ()))]}))
         return result
 
     # --- Kubernetes Service ------------------------------------------------------------------

@@ -46,6 +46,8 @@ REASON_TARGET_NOT_FOUND = "TargetNotFound"
 REASON_ATTACHED = "Attached"
 # A Backend no HTTPRoute attached to one of our Gateways refers to.
 REASON_NOT_REFERENCED = "NotReferenced"
+# A Backend routes refer to that cannot serve them (it is not accepted).
+REASON_NOT_ACCEPTED = "BackendNotAccepted"
 
 
 @dataclass(frozen=True, slots=True)
