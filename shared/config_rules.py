@@ -69,3 +69,14 @@ def path_problem(value: str) -> str | None:
     if not PATH_VALUE.fullmatch(value):
         return "contains characters that are not allowed in a path (percent-encode them)"
     return None
+
+
+# --- header values ------------------------------------------------------------------------------
+
+HEADER_VALUE_RULE = "must be ASCII without control characters (a tab is allowed)"
+
+
+def is_header_value(value: str) -> bool:
+    """Whether `value` can go out as an HTTP field value as it is (RFC 9110: visible ASCII, spaces and
+    tabs; obs-text is not taken), the rule for configured header values and credentials alike."""
+    return value.isascii() and all(" " <= ch < "\x7f" or ch == "\t" for ch in value)

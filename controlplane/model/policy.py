@@ -22,7 +22,7 @@ import cel
 
 from controlplane.model.formats import DATA_KEY, DNS_SUBDOMAIN
 from controlplane.model.objects import AGENTGATE_GROUP, BACKEND, GATEWAY, GATEWAY_GROUP, HTTP_ROUTE, KubeObject
-from shared.config_rules import POLICY_RESERVED_HEADERS
+from shared.config_rules import HEADER_VALUE_RULE, POLICY_RESERVED_HEADERS, is_header_value
 from shared.origins import origin_problem
 
 if TYPE_CHECKING:
@@ -227,8 +227,8 @@ def _header(c: _Checker, value: Any, path: str, *, reserved: bool = True) -> str
 
 def _header_value(c: _Checker, value: Any, path: str, *, required: bool = True) -> None:
     text = c.string(value, path, required=required, max_length=4096)
-    if text is not None and (not text.isascii() or any(ch in text for ch in "\r\n\0")):
-        c.error(path, "must be ASCII without CR, LF or NUL")
+    if text is not None and not is_header_value(text):
+        c.error(path, HEADER_VALUE_RULE)
 
 
 # --- authentication -------------------------------------------------------------------------

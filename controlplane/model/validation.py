@@ -49,10 +49,12 @@ from shared.config_rules import (
     A2A_AGENT_NAME,
     A2A_AGENT_NAME_MAX_LENGTH,
     A2A_AGENT_NAME_RULE,
+    HEADER_VALUE_RULE,
     LLM_AZURE_API_VERSION,
     LLM_MANAGED_HEADERS,
     LLM_MODEL_NAME,
     LLM_PROVIDER_NAME,
+    is_header_value,
     path_problem,
 )
 from shared.mcp_names import target_name_problem
@@ -785,8 +787,8 @@ def _mcp_static(c: _Checker, static: Mapping[str, Any], path: str) -> None:
                 c.error(f"{header_path}.name", f"header {name!r} appears twice")
             names.add(name.lower())
         value = c.string(header.get("value"), f"{header_path}.value", required=True, max_length=4096)
-        if value is not None and (not value.isascii() or any(ch in value for ch in "\r\n\0")):
-            c.error(f"{header_path}.value", "must be ASCII without CR, LF or NUL")
+        if value is not None and not is_header_value(value):
+            c.error(f"{header_path}.value", HEADER_VALUE_RULE)
 
 
 def _mcp_stdio(c: _Checker, stdio: Mapping[str, Any], path: str) -> None:
@@ -984,8 +986,8 @@ def _llm_provider(c: _Checker, provider: Mapping[str, Any], path: str) -> str | 
                 c.error(f"{header_path}.name", f"header {header_name!r} appears twice")
             header_names.add(lowered)
         header_value = c.string(header.get("value"), f"{header_path}.value", required=True, max_length=4096)
-        if header_value is not None and (not header_value.isascii() or any(ch in header_value for ch in "\r\n\0")):
-            c.error(f"{header_path}.value", "must be ASCII without CR, LF or NUL")
+        if header_value is not None and not is_header_value(header_value):
+            c.error(f"{header_path}.value", HEADER_VALUE_RULE)
     azure = c.mapping(provider.get("azure"), f"{path}.azure")
     if azure is None:
         if kind == "azure":

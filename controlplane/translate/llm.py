@@ -17,6 +17,7 @@ from controlplane.model import SECRET, KubeObject, parse_duration
 from controlplane.translate.conditions import RefProblem
 from controlplane.translate.index import ObjectIndex
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import is_header_value
 
 # Backend status reason when a provider's apiKeyRef cannot be used.
 REASON_INVALID_API_KEY_REF = "InvalidApiKeyRef"
@@ -130,7 +131,7 @@ def _secret_text(obj: KubeObject, index: ObjectIndex, name: str, key: str, where
         text = raw.decode().strip()
     except UnicodeDecodeError:
         text = ""
-    if not text or not text.isascii() or any(ch in text for ch in "\r\n\0"):
+    if not text or not is_header_value(text):
         message = f"{where}: Secret {secret.ref} key {key!r} must hold one line of ASCII text (value not shown)"
         return RefProblem(REASON_INVALID_API_KEY_REF, message)
     return text

@@ -43,6 +43,7 @@ from controlplane.translate.conditions import (
 )
 from controlplane.translate.index import ObjectIndex, describe_errors
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
+from shared.config_rules import is_header_value
 from shared.resources import BACKEND as BACKEND_TYPE
 from shared.resources import LISTENER, ROUTE, ResourceMap
 
@@ -339,7 +340,7 @@ class _Secrets:
             text = raw.decode().strip() if raw is not None else ""
         except UnicodeDecodeError:
             text = ""
-        if not text or not text.isascii() or any(ch in text for ch in "\r\n\0"):
+        if not text or not is_header_value(text):
             raise PolicyProblem(field, f"Secret {secret.ref} key {key!r} must hold one line of ASCII text")
         return text
 

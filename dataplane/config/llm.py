@@ -31,10 +31,12 @@ from dataplane.config.validate import (
 )
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
 from shared.config_rules import (
+    HEADER_VALUE_RULE,
     LLM_AZURE_API_VERSION,
     LLM_MANAGED_HEADERS,
     LLM_MODEL_NAME,
     LLM_PROVIDER_NAME,
+    is_header_value,
     path_problem,
 )
 
@@ -184,8 +186,8 @@ def _provider(
         ssl_context = context_for(report, f"{where}.tls", provider.tls)
         ok = ok and ssl_context is not None
     api_key = provider.api_key
-    if api_key and (not api_key.isascii() or any(ch in api_key for ch in "\r\n\0")):
-        report(f"{where}.api_key", "must be ASCII without CR, LF or NUL (value not shown)")
+    if api_key and not is_header_value(api_key):
+        report(f"{where}.api_key", f"{HEADER_VALUE_RULE} (value not shown)")
         ok = False
     models = tuple(provider.models) or (ANY_MODEL,)
     for index, model in enumerate(models):

@@ -37,7 +37,7 @@ from dataplane.config.validate import check_enum, check_header_name, check_heade
 from dataplane.policy.cel import CelCompileError, Expression, compile_expression
 from dataplane.routing.filters import HeaderOps
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
-from shared.config_rules import POLICY_RESERVED_HEADERS
+from shared.config_rules import HEADER_VALUE_RULE, POLICY_RESERVED_HEADERS, is_header_value
 from shared.origins import OriginAllowList, origin_problem
 from shared.resources import LISTENER, POLICY, ROUTE, ResourceMap
 
@@ -633,9 +633,9 @@ class _Checker:
             value = credentials.value
             if not value:
                 self.error("upstream_credentials.value", "must not be empty")
-            elif not value.isascii() or any(ch in value for ch in "\r\n\0"):
+            elif not is_header_value(value):
                 # Never echo the value: it is a credential.
-                self.error("upstream_credentials.value", "must be ASCII without CR, LF or NUL (value not shown)")
+                self.error("upstream_credentials.value", f"{HEADER_VALUE_RULE} (value not shown)")
             if header is not None:
                 found["upstream_credentials"] = UpstreamCredentialSettings(name, header, value)
         return PolicySections(**found)  # type: ignore[arg-type]

@@ -10,6 +10,7 @@ from google.protobuf.message import Message
 
 from dataplane.config.errors import ErrorReporter
 from shared import regex as shared_regex
+from shared.config_rules import HEADER_VALUE_RULE, is_header_value
 from shared.regex import Regex
 
 # RFC 9110 token characters: what a header field name may contain.
@@ -17,7 +18,6 @@ _TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+")
 # RFC 1123 labels; Gateway API hostnames are lower case but requests may not be.
 _LABEL = r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?"
 _HOSTNAME = re.compile(rf"{_LABEL}(\.{_LABEL})*")
-_FORBIDDEN_VALUE_CHARS = frozenset("\r\n\0")
 MAX_WEIGHT_TOTAL = 2**32 - 1
 
 
@@ -29,8 +29,8 @@ def check_header_name(report: ErrorReporter, field: str, name: str) -> bool:
 
 
 def check_header_value(report: ErrorReporter, field: str, value: str) -> bool:
-    if _FORBIDDEN_VALUE_CHARS.intersection(value) or not value.isascii():
-        report(field, f"invalid header value {value!r}: must be ASCII without CR, LF or NUL")
+    if not is_header_value(value):
+        report(field, f"invalid header value {value!r}: {HEADER_VALUE_RULE}")
         return False
     return True
 

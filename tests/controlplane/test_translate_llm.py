@@ -425,3 +425,9 @@ def test_a_translation_failure_keeps_the_published_snapshots(monkeypatch: pytest
         "translation failed, previous snapshots kept: TypeError: 'NoneType' object is not subscriptable",
     )
     assert plane.cache.get_snapshot("default/web") is published and plane.errors == report.errors
+
+
+@pytest.mark.parametrize("value", ["v\x01", "v\x7f", "v\r\nx: y"])
+def test_header_values_with_control_characters_are_refused(value: str) -> None:
+    provider = {"name": "x", "type": "openai", "apiKeyRef": KEY_REF, "headers": [{"name": "x-a", "value": value}]}
+    assert "control characters" in errors_of(llm_backend(provider))["spec.llm.providers[0].headers[0].value"]

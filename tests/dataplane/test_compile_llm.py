@@ -193,3 +193,10 @@ def test_a_base_path_no_request_line_can_carry_is_refused(base_path: str) -> Non
     """The control plane never sends these; a hand-written snapshot must not reach the wire."""
     errors = rejected(pb.Backend(name=NAME, llm=pb.LlmBackend(providers=[provider("p", base_path=base_path)])))
     assert "invalid base path" in errors.get(("Backend", NAME, "llm.providers[0].base_path"), ""), errors
+
+
+@pytest.mark.parametrize("api_key", ["sk-\x01", "sk-\x7f", "sk-é", "sk\n"])
+def test_a_key_no_header_can_carry_is_refused_without_showing_it(api_key: str) -> None:
+    errors = rejected(pb.Backend(name=NAME, llm=pb.LlmBackend(providers=[provider("p", api_key=api_key)])))
+    message = errors.get(("Backend", NAME, "llm.providers[0].api_key"), "")
+    assert "control characters" in message and api_key not in message and api_key not in str(errors)
