@@ -35,15 +35,18 @@ from dataplane.config.policy import RetrySettings
 from dataplane.http.errors import ProxyError
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink, read_whole_body
 from dataplane.llm.errors import (
+    CREDENTIAL_STATUSES,
     MAX_ERROR_BODY,
     ErrorResponse,
     body_too_large,
     cannot_translate,
+    credentials_refused,
     gateway_error,
     malformed_json,
     missing_model,
     no_provider,
     provider_error,
+    provider_message,
     retry_after_seconds,
     stream_error_event,
     unknown_model,
@@ -432,6 +435,17 @@ class LlmHandler:
         if head.status >= 400:
             error_body = await _read_error_body(exchange, llm.resilience.idle)
             error = provider_error(api, head.status, head.headers, error_body, provider=provider.name)
+            if head.status in CREDENTIAL_STATUSES:
+                # The gateway's key for this provider is wrong or lacks access: the next provider
+                # may serve the request; the operator reads why here.
+                reason, _, _ = provider_message(error_body, head.status)
+                log.warning("llm provider refused the gateway's credentials", provider=provider.name,
+                            status=head.status, reason=reason)  # fmt: skip
+                health.record_failure(
+                    provider.name, threshold=settings.consecutive_failures, eject_for=settings.eject_for
+                )
+                failure.failed(head.status, credentials_refused(api, head.status, provider.name))
+                return False
             if not is_failover_status(head.status):
                 await _answer(sink, error)  # the request's own fault: it would fail anywhere
                 return True

@@ -305,3 +305,23 @@ async def test_a_request_one_provider_cannot_carry_goes_to_the_next_that_can() -
     assert answer.choices[0].message.content == "two answers"
     assert not claude.requests and len(gpt.requests) == 1 and health.failures("an") == 0
     assert "only one choice can be asked of an Anthropic model" in refused.value.message
+
+
+async def test_a_provider_refusing_the_gateways_key_is_skipped_and_never_shown_to_the_client() -> None:
+    """A 401/403 from a provider is about the gateway's key, not the client's: the next provider
+    serves; with none left the client gets a 502 that names the provider but not the key."""
+    with anyio.fail_after(WITHIN):
+        async with serve_openai("k1") as first, serve_openai("k2") as second:
+            wrong = provider("one", pb.LlmProvider.TYPE_OPENAI, first.port, "sk-wrong-0123456789", priority=0)
+            right = provider("two", pb.LlmProvider.TYPE_OPENAI, second.port, "k2", priority=1)
+            async with gateway(wrong, right) as (base, server):
+                second.script(Reply(text="from two"))
+                answer = await openai_client(base).chat.completions.create(model="m", messages=MESSAGES)
+                health = server._handler.llm.health(LLM)
+            async with gateway(wrong) as (base, _):
+                with pytest.raises(openai.APIStatusError) as refused:
+                    await openai_client(base).chat.completions.create(model="m", messages=MESSAGES)
+    assert answer.choices[0].message.content == "from two" and health.failures("one") == 1
+    assert refused.value.status_code == 502
+    assert "provider one refused the gateway's credentials (HTTP 401)" in refused.value.message
+    assert "0123456789"[-4:] not in str(refused.value.body) and "sk-wrong" not in str(refused.value.body)
