@@ -462,6 +462,7 @@ class LlmHandler:
         health.record_success(provider.name)
         record = llm.telemetry.record
         record.llm_provider = provider.name
+        record.llm_provider_model = attempt.model
         record.upstream_address = provider.authority
         estimate = OutputTokenEstimate() if _estimates_output(settings, provider) else None
         relay = _Relay(exchange, sink, api, llm.resilience.idle, progress, began, estimate)

@@ -213,7 +213,8 @@ class AccessRecord:
     a2a_context: str = ""
     a2a_state: str = ""
     llm_provider: str = ""
-    llm_model: str = ""
+    llm_model: str = ""  # as the client asked (an alias, perhaps)
+    llm_provider_model: str = ""  # the provider's name for it, as sent upstream
     llm_input_tokens: int | None = None
     llm_output_tokens: int | None = None
     llm_first_token_ms: float | None = None  # streams: from the request to the answer's first chunk
@@ -276,7 +277,7 @@ class AccessRecord:
                 method=self.a2a_method, task=self.a2a_task, context=self.a2a_context, state=self.a2a_state
             )
         if self.llm_model or self.llm_provider:
-            llm = _present(provider=self.llm_provider, model=self.llm_model)
+            llm = _present(provider=self.llm_provider, model=self.llm_model, provider_model=self.llm_provider_model)
             if self.llm_input_tokens is not None:
                 llm["input_tokens"] = self.llm_input_tokens
             if self.llm_output_tokens is not None:

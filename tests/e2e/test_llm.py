@@ -238,7 +238,8 @@ async def test_chat_and_stream_as_kagent_sends_them(gateway: Gateway) -> None:
         assert line["status"] == 200 and line["path"] == "/v1/chat/completions" and line["principal"] == "tenant-a"
         first_tokens.append(line["llm"].pop("time_to_first_token_ms", None))
         assert line["llm"] == {
-            "provider": "openai", "model": model, "input_tokens": tokens_in, "output_tokens": tokens_out
+            "provider": "openai", "model": model, "provider_model": "gpt-4o", "input_tokens": tokens_in,
+            "output_tokens": tokens_out,
         }  # fmt: skip
     whole, streamed = first_tokens
     assert whole is None and streamed is not None and streamed > 0  # streams only
@@ -347,6 +348,7 @@ async def test_failover_to_anthropic_when_openai_answers_503(gateway: Gateway) -
     gateway.assert_keys_kept(oa_start, an_start)
 
     assert [line["llm"]["provider"] for line in lines] == ["anthropic", "anthropic", "openai"]
+    assert [line["llm"]["provider_model"] for line in lines] == ["claude-sonnet-4-5"] * 2 + ["gpt-4o"]
     assert [(line["llm"]["input_tokens"], line["llm"]["output_tokens"]) for line in lines] == [(9, 3), (8, 3), (4, 2)]
     assert all(line["status"] == 200 and line["llm"]["model"] == model for line in lines)
 
