@@ -12,7 +12,7 @@ cd "$repo"
 
 : "${OPENAI_API_KEY:?set OPENAI_API_KEY (and ANTHROPIC_API_KEY for failover to Anthropic)}"
 if [ -z "${ANTHROPIC_API_KEY:-}" ]; then
-  echo "ANTHROPIC_API_KEY is not set: requests failing over to Anthropic will get its 401" >&2
+  echo "ANTHROPIC_API_KEY is not set: requests failing over to Anthropic will get a 502 (it refuses the gateway's key)" >&2
 fi
 
 # The providers' keys, from the environment on every start.

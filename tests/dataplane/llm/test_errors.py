@@ -1,6 +1,6 @@
 """Error answers in the client's format. The official SDK clients read each one (through httpx's
-in-process transport, which hands them the exact bytes this module produces: the gateway's HTTP
-handler that will serve them is a later step) and must raise their status-specific exception with
+in-process transport, which hands them the exact bytes this module produces; the test_gateway*.py
+files check the same answers through the running proxy) and must raise their status-specific exception with
 the message, and honour Retry-After."""
 
 from __future__ import annotations

@@ -78,13 +78,14 @@ _CLIENTS: list[openai.AsyncOpenAI | anthropic.AsyncAnthropic] = []
 
 
 def openai_client(base: str, key: str = CLIENT_TOKEN) -> openai.AsyncOpenAI:
-    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0)
+    # A bounded client: a hung answer fails the test in 20 s (the SDKs wait 600 s by default).
+    client = openai.AsyncOpenAI(base_url=f"{base}/v1", api_key=key, max_retries=0, timeout=20.0)
     _CLIENTS.append(client)
     return client
 
 
 def anthropic_client(base: str, key: str = CLIENT_TOKEN) -> anthropic.AsyncAnthropic:
-    client = anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0)
+    client = anthropic.AsyncAnthropic(base_url=base, api_key=key, max_retries=0, timeout=20.0)
     _CLIENTS.append(client)
     return client
 

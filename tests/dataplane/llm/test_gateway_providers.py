@@ -264,6 +264,7 @@ async def test_an_openai_compatible_server_without_a_key_gets_no_credential() ->
         text = await stream_text(stream)
         vectors = await openai_client(base).embeddings.create(model="nomic-embed", input="hello")
     assert completion.choices[0].message.content == "ollama says hi" and text == "o k" and len(vectors.data) == 1
+    assert [r.path for r in peer.requests] == ["/v1/chat/completions", "/v1/chat/completions", "/v1/embeddings"]
     for recorded in peer.requests:
         assert not {"authorization", "x-api-key", "api-key"} & set(recorded.headers)
         assert CLIENT_TOKEN not in str(recorded.headers)

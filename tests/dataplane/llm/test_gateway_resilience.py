@@ -123,7 +123,9 @@ async def test_the_request_timeout_ends_a_waiting_request_and_a_stream_in_the_cl
     with anyio.fail_after(WITHIN):
         async with serve_openai("k1") as peer:
             oa = provider("one", pb.LlmProvider.TYPE_OPENAI, peer.port, "k1")
-            async with gateway(oa, policies=(resilience(request_timeout=seconds(0.4)),)) as (base, _):
+            # Long enough for the stream's first events to arrive on a loaded machine; the holds make
+            # the deadline, not the provider, end both requests.
+            async with gateway(oa, policies=(resilience(request_timeout=seconds(2.0)),)) as (base, _):
                 client = openai_client(base)
                 hold = peer.hold_next()
                 try:

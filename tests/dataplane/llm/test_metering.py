@@ -4,6 +4,7 @@ reaches the response path."""
 from __future__ import annotations
 
 import pytest
+from structlog.testing import capture_logs
 
 from dataplane.http.messages import Headers
 from dataplane.llm.metering import MeteredSink
@@ -66,4 +67,7 @@ async def test_a_failing_charge_is_logged_not_raised_and_nothing_is_charged_befo
     sink = MeteredSink(RecordingSink(), broken)
     await sink.start(200, list(SSE_HEADERS), None, OPENAI_STREAM, False)
     sink.abort()
-    assert await sink.settle() == TokenUsage(400, 200, 600)
+    with capture_logs() as logs:
+        assert await sink.settle() == TokenUsage(400, 200, 600)
+    (warning,) = [entry for entry in logs if entry["event"] == "token usage not charged"]
+    assert warning["log_level"] == "warning" and warning["tokens"] == 600 and "redis went away" in warning["error"]
