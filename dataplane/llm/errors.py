@@ -143,10 +143,6 @@ def no_provider(api: ApiFormat, model: str, retry_after: float | None = None) ->
     return gateway_error(api, 503, message, code="no_provider_available", retry_after=retry_after)
 
 
-# A provider's answer to the gateway's own credentials: the client did nothing wrong.
-CREDENTIAL_STATUSES: Final = frozenset({401, 403})
-
-
 def credentials_refused(api: ApiFormat, status: int, provider: str) -> ErrorResponse:
     """A provider refused the key the gateway holds for it: a 502, not the provider's 401/403 (the
     client's own credentials were fine, and a provider's message may quote part of the key)."""

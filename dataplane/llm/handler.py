@@ -35,7 +35,6 @@ from dataplane.config.policy import RetrySettings
 from dataplane.http.errors import ProxyError
 from dataplane.http.messages import Headers, ProxyRequest, ResponseSink, read_whole_body
 from dataplane.llm.errors import (
-    CREDENTIAL_STATUSES,
     MAX_ERROR_BODY,
     ErrorResponse,
     body_too_large,
@@ -53,6 +52,7 @@ from dataplane.llm.errors import (
 )
 from dataplane.llm.metering import CHARGE_TIMEOUT
 from dataplane.llm.routing import (
+    CREDENTIAL_STATUSES,
     Attempt,
     Operation,
     ProviderHealth,
@@ -71,6 +71,7 @@ from dataplane.llm.stream_translate import (
 )
 from dataplane.llm.tokens import OutputTokenEstimate, estimate_input_tokens, estimated_usage
 from dataplane.llm.translate import (
+    TRANSLATION_FAULTS,
     TranslationError,
     anthropic_to_openai_request,
     anthropic_to_openai_response,
@@ -392,7 +393,7 @@ class LlmHandler:
             # Not the provider's failure: a later provider (of the client's own API) may carry it.
             failure.cause, failure.error = None, cannot_translate(api, exc.field, exc.reason)
             return False
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError) as exc:
+        except TRANSLATION_FAULTS as exc:
             # A field of the wrong type (`"stop": 5`, `"tools": 5`) the translator did not check.
             message = f"the request cannot be carried to provider {provider.name}: {exc}"
             failure.cause, failure.error = None, gateway_error(api, 400, message)
@@ -434,18 +435,15 @@ class LlmHandler:
             return True
         if head.status >= 400:
             error_body = await _read_error_body(exchange, llm.resilience.idle)
-            error = provider_error(api, head.status, head.headers, error_body, provider=provider.name)
             if head.status in CREDENTIAL_STATUSES:
-                # The gateway's key for this provider is wrong or lacks access: the next provider
-                # may serve the request; the operator reads why here.
+                # The gateway's key for this provider is wrong or lacks access: the client is told
+                # which provider (never the provider's message: it may quote the key); the log says why.
                 reason, _, _ = provider_message(error_body, head.status)
                 log.warning("llm provider refused the gateway's credentials", provider=provider.name,
                             status=head.status, reason=reason)  # fmt: skip
-                health.record_failure(
-                    provider.name, threshold=settings.consecutive_failures, eject_for=settings.eject_for
-                )
-                failure.failed(head.status, credentials_refused(api, head.status, provider.name))
-                return False
+                error = credentials_refused(api, head.status, provider.name)
+            else:
+                error = provider_error(api, head.status, head.headers, error_body, provider=provider.name)
             if not is_failover_status(head.status):
                 await _answer(sink, error)  # the request's own fault: it would fail anywhere
                 return True
@@ -466,14 +464,12 @@ class LlmHandler:
         record.upstream_address = provider.authority
         estimate = OutputTokenEstimate() if _estimates_output(settings, provider) else None
         relay = _Relay(exchange, sink, api, llm.resilience.idle, progress, began, estimate)
-        usage: TokenUsage | None = None
         try:
-            usage = await relay.run(head.headers, provider, body)
+            await relay.run(head.headers, provider, body)
         finally:
             if not exchange.complete:
                 exchange.abort()
-            if usage is None and relay.seen is not None:
-                usage = relay.seen()  # cancelled mid-way: what the provider reported so far
+            usage = relay.usage()  # what the answer reported, so far when it was cut or cancelled
             if usage is None:
                 usage = _estimate(api, operation, body, relay.estimate)
                 record.llm_usage_estimated = usage is not None
@@ -607,9 +603,9 @@ async def _end_on_timeout(sink: ResponseSink, api: ApiFormat, progress: _Progres
 class _Relay:
     """A provider's success answer sent on to the client: passed through or translated, streams
     event by event. `first` is the time to the first body piece; `estimate` sees the answer's
-    documents; `seen` gives the usage read so far (for an answer cut short by cancellation)."""
+    documents; `usage()` is the usage the answer reported, so far if it was cut or cancelled."""
 
-    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "estimate", "first", "seen")
+    __slots__ = ("_api", "_began", "_exchange", "_idle", "_progress", "_sink", "_usage", "estimate", "first")
 
     def __init__(
         self,
@@ -629,8 +625,11 @@ class _Relay:
         self._began = began
         self.estimate = estimate
         self.first: float | None = None
-        # The usage the answer reported so far, for a relay cancelled mid-way (client gone, deadline).
-        self.seen: Callable[[], TokenUsage | None] | None = None
+        # What reads the answer's usage (a meter or a translator), once the answer is under way.
+        self._usage: Callable[[], TokenUsage | None] | None = None
+
+    def usage(self) -> TokenUsage | None:
+        return self._usage() if self._usage is not None else None
 
     async def _read(self) -> bytes:
         """The next body piece; raises ProxyError when the answer breaks, TimeoutError when it stalls."""
@@ -641,25 +640,25 @@ class _Relay:
         if self.first is None:
             self.first = time.perf_counter() - self._began
 
-    async def run(self, headers: Headers, provider: LlmProviderSettings, body: dict[str, Any]) -> TokenUsage | None:
+    async def run(self, headers: Headers, provider: LlmProviderSettings, body: dict[str, Any]) -> None:
         kind = UsageMeter.for_response(headers).kind
         translated = self._api != provider_format(provider)
         if kind is BodyKind.EVENT_STREAM:
             self._progress.stream = True
             if translated:
-                return await self._translated_stream(body)
-            options = body.get("stream_options")
-            asked = isinstance(options, dict) and options.get("include_usage") is True
-            return await self._stream(hide_usage=self._api == "openai" and not asked)
-        if translated:
-            return await self._translated_whole()
-        return await self._whole(headers)
+                await self._translated_stream(body)
+            else:
+                await self._stream(hide_usage=self._api == "openai" and not _asks_for_usage(body))
+        elif translated:
+            await self._translated_whole()
+        else:
+            await self._whole(headers)
 
-    async def _whole(self, headers: Headers) -> TokenUsage | None:
+    async def _whole(self, headers: Headers) -> None:
         """A whole answer passed through piece by piece (never held: embeddings can be large)."""
         observer = self.estimate.observe if self.estimate is not None else None
         meter = UsageMeter(BodyKind.JSON, observer=observer)
-        self.seen = meter.finish
+        self._usage = meter.finish
         sink = self._sink
         data, complete = self._exchange.take_body()
         meter.feed(data)
@@ -668,7 +667,7 @@ class _Relay:
             self._mark_first()
             await sink.start(200, [content_type, (b"content-length", b"%d" % len(data))], len(data), data, True)
             self._progress.ended = True
-            return meter.finish()
+            return
         length = _content_length(headers)
         head: Headers = [content_type] if length is None else [content_type, (b"content-length", b"%d" % length)]
         await sink.start(200, head, length, data, False)
@@ -679,7 +678,7 @@ class _Relay:
                 log.info("llm provider answer cut off", error=getattr(exc, "message", "stalled"))
                 sink.abort()  # a JSON body half sent cannot be ended cleanly
                 self._progress.ended = True
-                return meter.finish()
+                return
             if not piece:
                 break
             self._mark_first()
@@ -687,16 +686,15 @@ class _Relay:
             await sink.write(piece)
         await sink.end([])
         self._progress.ended = True
-        return meter.finish()
 
-    async def _translated_whole(self) -> TokenUsage | None:
+    async def _translated_whole(self) -> None:
         """A whole answer in the other API: read (up to MAX_TRANSLATED_ANSWER), then reshaped. An
         answer too large or cut off is a 502, yet the usage it carried (or an estimate) is charged:
         the provider spent those tokens."""
         api = self._api
         observer = self.estimate.observe if self.estimate is not None else None
         meter = UsageMeter(BodyKind.JSON, observer=observer)
-        self.seen = meter.finish
+        self._usage = meter.finish
         data, complete = self._exchange.take_body()
         meter.feed(data)
         chunks = [data]
@@ -705,14 +703,14 @@ class _Relay:
             if size > MAX_TRANSLATED_ANSWER:
                 message = f"the provider's answer is larger than {MAX_TRANSLATED_ANSWER} bytes, too large to translate"
                 await _answer(self._sink, gateway_error(api, 502, message))
-                return meter.finish()
+                return
             if complete:
                 break
             try:
                 piece = await self._read()
             except (ProxyError, TimeoutError):
                 await _answer(self._sink, gateway_error(api, 502, "the provider's answer was cut off"))
-                return meter.finish()
+                return
             if not piece:
                 break
             meter.feed(piece)
@@ -720,12 +718,11 @@ class _Relay:
             chunks.append(piece)
         self._mark_first()
         raw = b"".join(chunks)
-        usage = meter.finish()
         try:
             document = json.loads(raw)
         except ValueError:
             await _answer(self._sink, gateway_error(api, 502, "the provider answered with a body that is not JSON"))
-            return usage
+            return
         try:
             if not isinstance(document, dict):
                 raise TypeError("not a JSON object")
@@ -734,24 +731,21 @@ class _Relay:
             else:
                 out = openai_to_anthropic_response(document)
             raw = json_bytes(out)
-        except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+        except TRANSLATION_FAULTS:
             message = "the provider answered with a body that is not a valid answer of its API"
             await _answer(self._sink, gateway_error(api, 502, message))
-            return usage
+            return
         await self._sink.start(200, [_JSON, (b"content-length", b"%d" % len(raw))], len(raw), raw, True)
         self._progress.ended = True
-        return usage
 
-    async def _translated_stream(self, body: dict[str, Any]) -> TokenUsage | None:
+    async def _translated_stream(self, body: dict[str, Any]) -> None:
         translator: AnthropicToOpenAIStream | OpenAIToAnthropicStream
         if self._api == "openai":
-            options = body.get("stream_options")
-            include = isinstance(options, dict) and options.get("include_usage") is True
-            translator = AnthropicToOpenAIStream(created=int(time.time()), include_usage=include)
+            translator = AnthropicToOpenAIStream(created=int(time.time()), include_usage=_asks_for_usage(body))
         else:
             observer = self.estimate.observe if self.estimate is not None else None
             translator = OpenAIToAnthropicStream(model=str(body.get("model", "")), observer=observer)
-        self.seen = translator.usage
+        self._usage = translator.usage
         sink = self._sink
         await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
         data, complete = self._exchange.take_body()
@@ -778,25 +772,14 @@ class _Relay:
         self._progress.ended = True
         if translator.finished:
             await self._drain()
-        return translator.usage()
 
     async def _drain(self) -> None:
         """The answer ended (message_stop, [DONE]) before the provider's body did (its last chunk is
         on the way): read that end, bounded, so the connection goes back to its pool rather than
         being closed and a new one opened for the next request."""
-        exchange = self._exchange
-        size = 0
-        try:
-            with anyio.move_on_after(min(self._idle, _DRAIN_TIMEOUT)):
-                while not exchange.complete and size <= _DRAIN_LIMIT:
-                    piece = await exchange.read()
-                    if not piece:
-                        break
-                    size += len(piece)
-        except ProxyError:
-            pass
+        await _read_on(self._exchange, _DRAIN_LIMIT, min(self._idle, _DRAIN_TIMEOUT))
 
-    async def _stream(self, *, hide_usage: bool) -> TokenUsage | None:
+    async def _stream(self, *, hide_usage: bool) -> None:
         """A stream passed through, whole events only: a cut stream's unfinished event is dropped
         and an error event in the client's format ends it, so the SDK raises instead of parsing
         half an event. `hide_usage`: the usage chunk was asked for by the gateway, not the client,
@@ -804,7 +787,7 @@ class _Relay:
         api = self._api
         observer = self.estimate.observe if self.estimate is not None else None
         meter = UsageMeter(BodyKind.EVENT_STREAM, observer=observer)
-        self.seen = meter.finish
+        self._usage = meter.finish
         sink = self._sink
         await sink.start(200, [_EVENT_STREAM, (b"cache-control", b"no-cache")], None, b"", False)
         pending = b""
@@ -834,7 +817,8 @@ class _Relay:
                 break
             if not data:
                 break
-        if not cut and not too_large:
+        intact = not cut and not too_large
+        if intact:
             meter.finish()  # the body ended: a last event without its blank line still counts
         if too_large:
             await sink.write(stream_error_event(api, TOO_LARGE_MESSAGE))
@@ -845,9 +829,14 @@ class _Relay:
             await sink.write(drop_usage_chunks(pending) if hide_usage else pending)
         await sink.end([])
         self._progress.ended = True
-        if meter.done and not cut and not too_large:
+        if intact and meter.done:
             await self._drain()
-        return meter.finish()
+
+
+def _asks_for_usage(body: dict[str, Any]) -> bool:
+    """Whether an OpenAI client asked for the usage chunk of its stream (stream_options.include_usage)."""
+    options = body.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 def _not_json(constant: str) -> NoReturn:
@@ -892,22 +881,31 @@ async def _read_error_body(exchange: Exchange, idle: float | None = None) -> byt
     """Up to MAX_ERROR_BODY bytes of a provider's error answer (its message is all that is kept),
     read for at most `_ERROR_BODY_TIMEOUT` (or the idle bound, when shorter): a stalled error body
     must not hold up the failover."""
-    data, complete = exchange.take_body()
+    data, _ = exchange.take_body()
     parts = [data]
-    size = len(data)
-    try:
-        with anyio.move_on_after(_ERROR_BODY_TIMEOUT if idle is None else min(idle, _ERROR_BODY_TIMEOUT)):
-            while not complete and size <= MAX_ERROR_BODY:
-                piece = await exchange.read()
-                if not piece:
-                    break
-                parts.append(piece)
-                size += len(piece)
-    except ProxyError:
-        pass
+    await _read_on(
+        exchange, MAX_ERROR_BODY - len(data), min(math.inf if idle is None else idle, _ERROR_BODY_TIMEOUT), parts
+    )
     if not exchange.complete:
         exchange.abort()
     return b"".join(parts)
+
+
+async def _read_on(exchange: Exchange, limit: int, within: float, keep: list[bytes] | None = None) -> None:
+    """Read the rest of an upstream body, bounded: until it ends or breaks, past `limit` bytes or
+    after `within` seconds; the pieces go to `keep` when given (else they are dropped)."""
+    size = 0
+    try:
+        with anyio.move_on_after(within):
+            while not exchange.complete and size <= limit:
+                piece = await exchange.read()
+                if not piece:
+                    break
+                size += len(piece)
+                if keep is not None:
+                    keep.append(piece)
+    except ProxyError:
+        pass
 
 
 def _model_list(settings: LlmBackendSettings) -> dict[str, Any]:

@@ -27,10 +27,12 @@ from dataplane.llm.wire import ApiFormat
 # The operations of the LLM gateway's routes.
 Operation = Literal["chat", "messages", "embeddings", "models"]
 
+# A provider's answer to the gateway's own key: the client did nothing wrong.
+CREDENTIAL_STATUSES: Final = frozenset({401, 403})
 # Upstream statuses after which the next provider is tried (and that count as failures).
-# Anthropic's 529 means overloaded. A 4xx other than 408 and 429 is the request's fault: it
-# would fail anywhere, so it goes back to the client.
-FAILOVER_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504, 529})
+# Anthropic's 529 means overloaded. A 4xx other than these is the request's fault: it would fail
+# anywhere, so it goes back to the client.
+FAILOVER_STATUSES: Final = frozenset({408, 429, 500, 502, 503, 504, 529}) | CREDENTIAL_STATUSES
 # An ejection never lasts longer than this, whatever Retry-After says.
 MAX_EJECTION: Final = 3600.0
 

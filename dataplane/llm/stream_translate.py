@@ -30,7 +30,7 @@ from collections.abc import Callable
 from typing import Any, Final
 
 from dataplane.llm.errors import error_from_document, stream_error_event
-from dataplane.llm.translate import anthropic_usage, finish_reason, openai_usage, stop_reason
+from dataplane.llm.translate import TRANSLATION_FAULTS, anthropic_usage, finish_reason, openai_usage, stop_reason
 from dataplane.llm.usage import BodyKind, TokenUsage, UsageMeter
 from dataplane.llm.wire import (
     DEFAULT_EVENT_CAP,
@@ -51,7 +51,6 @@ _NOT_FINISHED: Final = b',"finish_reason":null,"logprobs":null}]'
 _FINISHED_TAIL: Final = b',"logprobs":null}]'
 _TEXT_OPEN: Final = b'{"content":'
 _NULL_USAGE: Final = b',"usage":null'
-_encode_text: Final = json.encoder.encode_basestring  # a JSON string, non-ASCII kept (as json_bytes)
 
 CUT_MESSAGE: Final = "the provider's stream ended before the answer was complete"
 TOO_LARGE_MESSAGE: Final = "the provider sent an event larger than the gateway accepts"
@@ -87,7 +86,7 @@ class _StreamTranslator:
         for event in events:
             try:
                 out.append(self._event(event))
-            except (TypeError, ValueError, AttributeError, KeyError, IndexError):
+            except TRANSLATION_FAULTS:
                 out.append(self._fail("the provider sent an event the gateway cannot read"))
             if self.ended:
                 break
@@ -167,11 +166,7 @@ class AnthropicToOpenAIStream(_StreamTranslator):
         """`_chunk({"content": text})`, the string encoded directly (most events are text deltas)."""
         if type(text) is not str:
             return self._chunk({"content": text})
-        try:
-            encoded = _encode_text(text).encode()
-        except UnicodeEncodeError:  # a lone surrogate: escaped, as JSON allows
-            encoded = json.encoder.encode_basestring_ascii(text).encode()
-        return b"".join((self._head, _TEXT_OPEN, encoded, b"}", _NOT_FINISHED, self._close))
+        return b"".join((self._head, _TEXT_OPEN, json_bytes(text), b"}", _NOT_FINISHED, self._close))
 
     def _event(self, event: SseEvent) -> bytes:
         document = _parse(event.data)

@@ -49,6 +49,8 @@ import json
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
+from dataplane.llm.wire import json_text
+
 DEFAULT_MAX_TOKENS: Final = 4096
 # The anthropic-version that still takes temperature and top_p.
 SAMPLING_ANTHROPIC_VERSION: Final = "2023-06-01"
@@ -139,6 +141,11 @@ _ANTHROPIC_STOP: Final = {
 }
 _TOOL_CHOICES: Final = {"auto": {"type": "auto"}, "none": {"type": "none"}, "required": {"type": "any"}}
 _OPENAI_TOOL_CHOICES: Final = {"auto": "auto", "none": "none", "any": "required"}
+
+
+# What a translator raises on a document of the wrong shape it did not check field by field (a
+# string where a list belongs): its callers turn these into the protocol's error, never a crash.
+TRANSLATION_FAULTS: Final = (TypeError, ValueError, AttributeError, KeyError, IndexError)
 
 
 class TranslationError(ValueError):
@@ -412,7 +419,7 @@ def anthropic_to_openai_response(message: Mapping[str, Any], *, created: int) ->
 
 
 def _arguments(value: Any) -> str:
-    return json.dumps(value if value is not None else {}, separators=(",", ":"), ensure_ascii=False)
+    return json_text(value if value is not None else {})
 
 
 def _tokens(value: Any) -> int:

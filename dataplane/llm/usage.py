@@ -178,17 +178,18 @@ def _parse(payload: bytes | bytearray) -> object:
         return None
 
 
-def json_body_usage(body: bytes | bytearray) -> Mapping[str, Any] | None:
+def json_body_usage(body: bytes | bytearray, *, whole: bool = True) -> Mapping[str, Any] | None:
     """The top-level ``usage`` of a JSON body. The providers put it at or near the end, so the last
     ``"usage"`` key is tried first from the tail alone (an embeddings answer of a few MB would block
-    the event loop for tens of ms in a full parse); the full parse is the fallback."""
+    the event loop for tens of ms in a full parse); the full parse is the fallback, for a `whole`
+    body only (not for the last bytes of one)."""
     at = body.rfind(_USAGE_KEY)
     if at < 0:
         return None
     usage = _tail_usage(body, at)
     if usage is not _UNKNOWN:
         return usage  # type: ignore[return-value]
-    return usage_object(_parse(body))
+    return usage_object(_parse(body)) if whole else None
 
 
 def _tail_usage(body: bytes | bytearray, at: int) -> object:
@@ -288,7 +289,7 @@ class UsageMeter:
         elif kind is BodyKind.JSON:
             body = self._body
             if body is None:  # past the cap: only the tail is kept
-                self._tail = (self._tail + data)[-_JSON_TAIL:]
+                self._tail = data[-_JSON_TAIL:] if len(data) >= _JSON_TAIL else (self._tail + data)[-_JSON_TAIL:]
                 return
             if len(body) + len(data) > self._cap:
                 self._tail = (bytes(body[-_JSON_TAIL:]) + data)[-_JSON_TAIL:]
@@ -301,14 +302,10 @@ class UsageMeter:
         """The body ended (or was cut): its usage, or None. Later calls return the same."""
         kind = self.kind
         if kind is BodyKind.JSON:
-            body = self._body
-            self._body = None
-            usage = json_body_usage(body) if body is not None else None
-            if body is None and self._tail:
-                at = self._tail.rfind(_USAGE_KEY)
-                found = _tail_usage(self._tail, at) if at >= 0 else None
-                usage = found if isinstance(found, dict) else None
-                self._tail = b""
+            body, tail = self._body, self._tail
+            self._body, self._tail = None, b""
+            # Past the cap (body None) only the last bytes are left to read.
+            usage = json_body_usage(body) if body is not None else json_body_usage(tail, whole=False)
             if usage is None and body is not None and self._observer is not None:
                 self._observer(_parse(body))
             if usage is not None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from typing import Any, Final, Literal, NoReturn
+from typing import Any, Final, Literal
 
 # The API a client speaks (and so the shape of every answer it gets): OpenAI's chat
 # completions family, or Anthropic's messages.
@@ -19,8 +19,10 @@ ApiFormat = Literal["openai", "anthropic"]
 # Bytes of one unfinished event (its lines so far) kept at most.
 DEFAULT_EVENT_CAP: Final = 1024 * 1024
 _COMPACT: Final = (",", ":")
-# One encoder for every document (json.dumps with options builds a new one per call).
-_ENCODER: Final = json.JSONEncoder(separators=_COMPACT, ensure_ascii=False)
+# One encoder for every document (json.dumps with options builds a new one per call). NaN and
+# infinities raise (ValueError): what the gateway writes is JSON any parser reads.
+_ENCODER: Final = json.JSONEncoder(separators=_COMPACT, ensure_ascii=False, allow_nan=False)
+_ASCII_ENCODER: Final = json.JSONEncoder(separators=_COMPACT, allow_nan=False)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,36 +85,15 @@ class SseParser:
             self._size -= len(held)
             lines[0] = held + lines[0]
         events: list[SseEvent] = []
-        cap = self._cap
-        size = self._size
-        data = self._data
-        event = self._event
         for line in lines:
-            if size + len(line) > cap:
-                self._too_large(size + len(line), data, event, held, events)
+            if self._size + len(line) > self._cap:
+                self._line += held  # as the line-by-line scanner leaves it
+                self._size += len(line)
+                raise SseTooLarge(f"an event larger than {self._cap} bytes", events)
             held = b""
-            if not line:
-                if data or event:
-                    events.append(SseEvent(event, "\n".join(data)))
-                    event = ""
-                    data = []
-                    size = 0
-                continue
-            if line[0] == 0x3A:  # comment
-                continue
-            name, colon, value = line.partition(b":")
-            if name == b"data":
-                if colon and value[:1] == b" ":
-                    value = value[1:]
-                data.append(value.decode("utf-8", "replace"))
-                size += len(value) + 1
-            elif name == b"event":
-                if colon and value[:1] == b" ":
-                    value = value[1:]
-                event = value.decode("utf-8", "replace")
-        self._data = data
-        self._event = event
-        self._size = size
+            event = self._line_done(line)
+            if event is not None:
+                events.append(event)
         if tail:
             try:
                 self._grow(tail)
@@ -120,14 +101,6 @@ class SseParser:
                 exc.events = events
                 raise
         return events
-
-    def _too_large(self, size: int, data: list[str], event: str, held: bytes, events: list[SseEvent]) -> NoReturn:
-        """Raise SseTooLarge, leaving the state as the line-by-line scanner leaves it."""
-        self._data = data
-        self._event = event
-        self._size = size
-        self._line += held
-        raise SseTooLarge(f"an event larger than {self._cap} bytes", events)
 
     def _feed_lines(self, chunk: bytes, pos: int) -> list[SseEvent]:
         """`feed` for chunks holding a CR (CR or CRLF line ends): line by line."""
@@ -191,13 +164,18 @@ class SseParser:
         return None
 
 
+def json_text(document: Any) -> str:
+    """Compact JSON as text (a tool call's arguments are a JSON document inside a string)."""
+    return _ENCODER.encode(document)
+
+
 def json_bytes(document: Any) -> bytes:
     """Compact JSON, UTF-8 (non-ASCII kept as is, like the providers send it)."""
     text = _ENCODER.encode(document)
     try:
         return text.encode()
     except UnicodeEncodeError:  # a lone surrogate (a provider's "\\ud800"): escaped, as JSON allows
-        return json.dumps(document, separators=_COMPACT).encode()
+        return _ASCII_ENCODER.encode(document).encode()
 
 
 def sse_data(document: Any) -> bytes:

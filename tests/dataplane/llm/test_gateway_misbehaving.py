@@ -218,6 +218,8 @@ async def test_a_deeply_nested_body_gets_400() -> None:
 
 WRONG_SHAPES: list[tuple[int, bytes]] = [
     *[(ANTHROPIC, d) for d in (b"[]", b"null", b'"x"', b'{"content":"hi"}', b'{"content":[1]}')],
+    # A number no JSON writer may write (it would go out as `Infinity` in the tool call's arguments).
+    (ANTHROPIC, b'{"content":[{"type":"tool_use","id":"t","name":"f","input":{"x":1e400}}]}'),
     *[(OPENAI, d) for d in (b"[]", b'{"choices":[{"message":5}]}', b'{"choices":"x"}', b'{"choices":[]}')],
 ]
 

@@ -155,7 +155,8 @@ def test_all_ejected_tries_everyone_soonest_back_first() -> None:
         (503, True),
         (408, True),
         (400, False),
-        (401, False),
+        (401, True),  # the gateway's key, not the client's
+        (403, True),
         (404, False),
         (413, False),
     ],
