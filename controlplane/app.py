@@ -127,11 +127,8 @@ class ControlPlane:
             result = translate(state.objects)
         except Exception as exc:  # a translator bug must not stop serving: the last snapshots stay
             log.exception("translation failed; the previous snapshots are kept")
-            self.errors = (*errors, f"translation failed, previous snapshots kept: {type(exc).__name__}: {exc}")
-            report = ReconcileReport((), self.errors, 0)
-            for callback in self._listeners:
-                callback(report)
-            return report
+            errors.append(f"translation failed, previous snapshots kept: {type(exc).__name__}: {exc}")
+            return self._report(ReconcileReport((), tuple(errors), 0))
         self._translated = result.snapshots
         self.keys.update(result.snapshots)
         published = self._publish(errors)
@@ -154,8 +151,11 @@ class ControlPlane:
             del self._statuses[key]
         if self.status_writer is not None:
             self.status_writer.submit(result.statuses)
-        self.errors = tuple(errors)
-        report = ReconcileReport(tuple(published), self.errors, changes)
+        return self._report(ReconcileReport(tuple(published), tuple(errors), changes))
+
+    def _report(self, report: ReconcileReport) -> ReconcileReport:
+        """Record a pass's errors and tell the listeners."""
+        self.errors = report.errors
         for callback in self._listeners:
             callback(report)
         return report

@@ -23,6 +23,7 @@ from controlplane.model.objects import (
     ObjectKey,
     SourceRef,
     object_from_manifest,
+    secret_line,
 )
 from controlplane.model.validation import BACKEND_VARIANTS, validate
 
@@ -50,5 +51,6 @@ __all__ = [
     "SourceRef",
     "object_from_manifest",
     "parse_duration",
+    "secret_line",
     "validate",
 ]

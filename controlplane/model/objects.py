@@ -15,6 +15,7 @@ from typing import Any, NamedTuple
 
 from controlplane.model.errors import ConfigError
 from controlplane.model.formats import DNS_LABEL, DNS_SUBDOMAIN
+from shared.config_rules import is_header_value
 
 GATEWAY_GROUP = "gateway.networking.k8s.io"
 AGENTGATE_GROUP = "agentgate.dev"
@@ -254,6 +255,16 @@ def object_from_manifest(doc: Any, source: SourceRef | None = None) -> tuple[Kub
         source=source,
     )
     return obj, []
+
+
+def secret_line(raw: bytes) -> str | None:
+    """A Secret's value as one credential or header value: the text without the trailing newline
+    `echo value > file` leaves; None when it is not UTF-8 or not one line a header can carry."""
+    try:
+        text = raw.decode().strip()
+    except UnicodeDecodeError:
+        return None
+    return text if text and is_header_value(text) else None
 
 
 def without_nulls(value: Any) -> Any:

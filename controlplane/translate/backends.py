@@ -132,14 +132,19 @@ class BackendResolver:
         if obj_key not in self._ours:
             obj = self._index.get(BACKEND, namespace, name)
             if obj is None:
-                self._refused.setdefault(obj_key, set()).add(f"HTTPRoute {route.namespace}/{route.name}")
-                return RefProblem(REASON_BACKEND_NOT_FOUND, self._index.problem(BACKEND, namespace, name))
+                problem = RefProblem(REASON_BACKEND_NOT_FOUND, self._index.problem(BACKEND, namespace, name))
+                return self._refuse(route, obj_key, problem)
             self._ours[obj_key] = self._our_backend(obj)
         resolved = self._ours[obj_key]
         if isinstance(resolved, RefProblem):
-            self._refused.setdefault(obj_key, set()).add(f"HTTPRoute {route.namespace}/{route.name}")
-            return RefProblem(REASON_BACKEND_NOT_FOUND, f"Backend {namespace}/{name} is not usable: {resolved.message}")
+            message = f"Backend {namespace}/{name} is not usable: {resolved.message}"
+            return self._refuse(route, obj_key, RefProblem(REASON_BACKEND_NOT_FOUND, message))
         return resolved
+
+    def _refuse(self, route: KubeObject, backend: ObjectKey, problem: RefProblem) -> RefProblem:
+        """`problem` for the route, remembered for the Backend's Attached condition."""
+        self._refused.setdefault(backend, set()).add(f"HTTPRoute {route.namespace}/{route.name}")
+        return problem
 
     def statuses(self, users: Mapping[str, Iterable[str]]) -> list[tuple[KubeObject, dict[str, Any]]]:
         """The status of every Backend of ours: Accepted, or why not; Attached, naming the routes

@@ -13,11 +13,10 @@ from collections.abc import Callable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
-from controlplane.model import SECRET, KubeObject, parse_duration
+from controlplane.model import SECRET, KubeObject, parse_duration, secret_line
 from controlplane.translate.conditions import RefProblem
 from controlplane.translate.index import ObjectIndex
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
-from shared.config_rules import is_header_value
 
 # Backend status reason when a provider's apiKeyRef cannot be used.
 REASON_INVALID_API_KEY_REF = "InvalidApiKeyRef"
@@ -127,11 +126,8 @@ def _secret_text(obj: KubeObject, index: ObjectIndex, name: str, key: str, where
     raw = secret.data_value(key)
     if raw is None:
         return RefProblem(REASON_INVALID_API_KEY_REF, f"{where}: Secret {secret.ref} has no key {key!r}")
-    try:
-        text = raw.decode().strip()
-    except UnicodeDecodeError:
-        text = ""
-    if not text or not is_header_value(text):
+    text = secret_line(raw)
+    if text is None:
         message = f"{where}: Secret {secret.ref} key {key!r} must hold one line of ASCII text (value not shown)"
         return RefProblem(REASON_INVALID_API_KEY_REF, message)
     return text

@@ -29,6 +29,7 @@ from controlplane.model import (
     SECRET,
     KubeObject,
     parse_duration,
+    secret_line,
 )
 from controlplane.model.policy import TARGET_KINDS, rule_index, scrypt_hash_problem
 from controlplane.translate.backends import duration_message
@@ -43,7 +44,6 @@ from controlplane.translate.conditions import (
 )
 from controlplane.translate.index import ObjectIndex, describe_errors
 from shared.api.agentgate.config.v1 import resources_pb2 as pb
-from shared.config_rules import is_header_value
 from shared.resources import BACKEND as BACKEND_TYPE
 from shared.resources import LISTENER, ROUTE, ResourceMap
 
@@ -335,12 +335,8 @@ class _Secrets:
     @staticmethod
     def _decoded(secret: KubeObject, key: str, field: str) -> str:
         raw = secret.data_value(key)
-        try:
-            # A trailing newline is how `echo value > file` stores it, never part of the value.
-            text = raw.decode().strip() if raw is not None else ""
-        except UnicodeDecodeError:
-            text = ""
-        if not text or not is_header_value(text):
+        text = secret_line(raw) if raw is not None else None
+        if text is None:
             raise PolicyProblem(field, f"Secret {secret.ref} key {key!r} must hold one line of ASCII text")
         return text
 
